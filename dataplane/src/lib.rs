@@ -1,0 +1,4 @@
+//! The dataplane of a sipmesh node: per-core workers and the sans-IO SIP logic they run.
+#![deny(unsafe_code)]
+
+pub mod io;
