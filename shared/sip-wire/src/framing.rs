@@ -28,20 +28,31 @@ pub fn frame_stream(buf: &[u8], max_size: usize) -> StreamFrame {
         return StreamFrame::Incomplete;
     }
     if buf[0] == b'\r' || buf[0] == b'\n' {
-        let n = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+        let n = buf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
         if buf.starts_with(b"\r\n\r\n") {
             return StreamFrame::Ping(4);
         }
         if n == buf.len() {
             // Could be the first half of a ping: wait for more.
-            return if n >= 4 { StreamFrame::Skip(n) } else { StreamFrame::Incomplete };
+            return if n >= 4 {
+                StreamFrame::Skip(n)
+            } else {
+                StreamFrame::Incomplete
+            };
         }
         return StreamFrame::Skip(n);
     }
     let head_end = match memmem::find(buf, b"\r\n\r\n") {
         Some(i) => i + 4,
         None => {
-            return if buf.len() > max_size { StreamFrame::TooLarge } else { StreamFrame::Incomplete };
+            return if buf.len() > max_size {
+                StreamFrame::TooLarge
+            } else {
+                StreamFrame::Incomplete
+            };
         }
     };
     let cl = match content_length(&buf[..head_end]) {
@@ -71,7 +82,9 @@ pub(crate) fn content_length(head: &[u8]) -> Result<Option<usize>, ()> {
         let end = memchr::memchr(b'\n', &head[pos..]).map_or(head.len(), |i| pos + i + 1);
         let line = &head[pos..end];
         pos = end;
-        let Some(colon) = memchr::memchr(b':', line) else { continue };
+        let Some(colon) = memchr::memchr(b':', line) else {
+            continue;
+        };
         let name = trim(&line[..colon]);
         if !(name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l")) {
             continue;
@@ -119,10 +132,19 @@ mod tests {
     #[test]
     fn broken_content_length_is_invalid() {
         // RFC 3261 §18.3: stream transports need Content-Length.
-        assert_eq!(frame_stream(b"A sip:a SIP/2.0\r\n\r\n", 100), StreamFrame::Invalid);
-        assert_eq!(frame_stream(b"A sip:a SIP/2.0\r\nl: -1\r\n\r\n", 100), StreamFrame::Invalid);
         assert_eq!(
-            frame_stream(b"A sip:a SIP/2.0\r\nl: 1\r\nContent-Length: 2\r\n\r\nab", 100),
+            frame_stream(b"A sip:a SIP/2.0\r\n\r\n", 100),
+            StreamFrame::Invalid
+        );
+        assert_eq!(
+            frame_stream(b"A sip:a SIP/2.0\r\nl: -1\r\n\r\n", 100),
+            StreamFrame::Invalid
+        );
+        assert_eq!(
+            frame_stream(
+                b"A sip:a SIP/2.0\r\nl: 1\r\nContent-Length: 2\r\n\r\nab",
+                100
+            ),
             StreamFrame::Invalid
         );
     }

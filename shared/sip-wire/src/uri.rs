@@ -1,0 +1,341 @@
+//! SIP, SIPS and tel URIs (RFC 3261 §19.1, RFC 3966), borrowed from the message.
+
+use crate::scan::{Param, Params};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Sip,
+    Sips,
+    Tel,
+    /// Any other absoluteURI scheme (RFC 3261 §25.1); kept opaque.
+    Other,
+}
+
+/// A parsed URI. For `Other` only `scheme_raw` and `opaque` are meaningful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uri<'a> {
+    pub scheme: Scheme,
+    pub scheme_raw: &'a [u8],
+    /// user part, still %-escaped (for tel: the number).
+    pub user: Option<&'a [u8]>,
+    pub password: Option<&'a [u8]>,
+    /// host as written (for IPv6 with the brackets). Empty for tel/other.
+    pub host: &'a [u8],
+    pub port: Option<u16>,
+    /// `;param...` as written, starting at the first ';' (may be empty).
+    pub params: &'a [u8],
+    /// `?h=v&...` after the '?' (None when absent).
+    pub headers: Option<&'a [u8]>,
+    /// Everything after `scheme:`.
+    pub opaque: &'a [u8],
+    /// The whole URI as written.
+    pub raw: &'a [u8],
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'_' | b'.' | b'!' | b'~' | b'*' | b'\'' | b'(' | b')'
+        )
+}
+
+fn is_user_char(b: u8) -> bool {
+    is_unreserved(b)
+        || matches!(
+            b,
+            b'&' | b'=' | b'+' | b'$' | b',' | b';' | b'?' | b'/' | b'%'
+        )
+}
+
+fn is_password_char(b: u8) -> bool {
+    is_unreserved(b) || matches!(b, b'&' | b'=' | b'+' | b'$' | b',' | b'%')
+}
+
+fn is_param_char(b: u8) -> bool {
+    is_unreserved(b)
+        || matches!(
+            b,
+            b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$' | b'%' | b'=' | b';'
+        )
+}
+
+fn is_header_char(b: u8) -> bool {
+    is_unreserved(b)
+        || matches!(
+            b,
+            b'[' | b']' | b'/' | b'?' | b':' | b'+' | b'$' | b'%' | b'=' | b'&'
+        )
+}
+
+fn valid_escapes(s: &[u8]) -> bool {
+    let mut k = 0;
+    while k < s.len() {
+        if s[k] == b'%' {
+            if !(s.get(k + 1).is_some_and(u8::is_ascii_hexdigit)
+                && s.get(k + 2).is_some_and(u8::is_ascii_hexdigit))
+            {
+                return false;
+            }
+            k += 3;
+        } else {
+            k += 1;
+        }
+    }
+    true
+}
+
+fn valid_host(h: &[u8]) -> bool {
+    if h.is_empty() {
+        return false;
+    }
+    if h[0] == b'[' {
+        return h.len() > 2
+            && h[h.len() - 1] == b']'
+            && h[1..h.len() - 1]
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+    }
+    h.iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+impl<'a> Uri<'a> {
+    /// Parse a URI. Fails on whitespace, angle brackets, bad escapes, bad hosts or ports.
+    pub fn parse(raw: &'a [u8]) -> Result<Uri<'a>, ()> {
+        let colon = memchr::memchr(b':', raw).ok_or(())?;
+        let scheme_raw = &raw[..colon];
+        if scheme_raw.is_empty()
+            || !scheme_raw[0].is_ascii_alphabetic()
+            || !scheme_raw
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        {
+            return Err(());
+        }
+        let opaque = &raw[colon + 1..];
+        if opaque
+            .iter()
+            .any(|&b| b <= b' ' || b == b'<' || b == b'>' || b == b'"' || b >= 0x7f)
+        {
+            return Err(());
+        }
+        let scheme = if scheme_raw.eq_ignore_ascii_case(b"sip") {
+            Scheme::Sip
+        } else if scheme_raw.eq_ignore_ascii_case(b"sips") {
+            Scheme::Sips
+        } else if scheme_raw.eq_ignore_ascii_case(b"tel") {
+            Scheme::Tel
+        } else {
+            Scheme::Other
+        };
+        let mut uri = Uri {
+            scheme,
+            scheme_raw,
+            user: None,
+            password: None,
+            host: b"",
+            port: None,
+            params: b"",
+            headers: None,
+            opaque,
+            raw,
+        };
+        match scheme {
+            Scheme::Other => {
+                if opaque.is_empty() {
+                    return Err(());
+                }
+            }
+            Scheme::Tel => {
+                // RFC 3966: telephone-subscriber *par
+                let semi = memchr::memchr(b';', opaque).unwrap_or(opaque.len());
+                let number = &opaque[..semi];
+                if number.is_empty()
+                    || !number.iter().all(|&b| {
+                        b.is_ascii_hexdigit()
+                            || matches!(b, b'+' | b'-' | b'.' | b'(' | b')' | b'*' | b'#')
+                    })
+                {
+                    return Err(());
+                }
+                uri.user = Some(number);
+                uri.params = &opaque[semi..];
+                if !uri.params.iter().all(|&b| is_param_char(b)) || !valid_escapes(uri.params) {
+                    return Err(());
+                }
+            }
+            Scheme::Sip | Scheme::Sips => {
+                let mut rest = opaque;
+                // '@' cannot occur unescaped outside userinfo (RFC 3261 §25.1).
+                if let Some(at) = memchr::memchr(b'@', rest) {
+                    let userinfo = &rest[..at];
+                    rest = &rest[at + 1..];
+                    let (user, password) = match memchr::memchr(b':', userinfo) {
+                        Some(c) => (&userinfo[..c], Some(&userinfo[c + 1..])),
+                        None => (userinfo, None),
+                    };
+                    if user.is_empty()
+                        || !user.iter().all(|&b| is_user_char(b))
+                        || !valid_escapes(user)
+                    {
+                        return Err(());
+                    }
+                    if let Some(p) = password
+                        && (!p.iter().all(|&b| is_password_char(b)) || !valid_escapes(p))
+                    {
+                        return Err(());
+                    }
+                    uri.user = Some(user);
+                    uri.password = password;
+                }
+                let q = memchr::memchr(b'?', rest);
+                let (hostpart, headers) = match q {
+                    Some(q) => (&rest[..q], Some(&rest[q + 1..])),
+                    None => (rest, None),
+                };
+                if let Some(h) = headers
+                    && (h.is_empty() || !h.iter().all(|&b| is_header_char(b)) || !valid_escapes(h))
+                {
+                    return Err(());
+                }
+                uri.headers = headers;
+                let semi = memchr::memchr(b';', hostpart).unwrap_or(hostpart.len());
+                let hostport = &hostpart[..semi];
+                uri.params = &hostpart[semi..];
+                if !uri.params.iter().all(|&b| is_param_char(b)) || !valid_escapes(uri.params) {
+                    return Err(());
+                }
+                for p in uri.params.split(|&b| b == b';').skip(1) {
+                    if p.is_empty() || p[0] == b'=' {
+                        return Err(());
+                    }
+                }
+                let (host, port) = if hostport.first() == Some(&b'[') {
+                    let close = memchr::memchr(b']', hostport).ok_or(())?;
+                    (&hostport[..close + 1], &hostport[close + 1..])
+                } else {
+                    match memchr::memchr(b':', hostport) {
+                        Some(c) => (&hostport[..c], &hostport[c..]),
+                        None => (hostport, &b""[..]),
+                    }
+                };
+                if !valid_host(host) {
+                    return Err(());
+                }
+                uri.host = host;
+                if !port.is_empty() {
+                    let digits = port.strip_prefix(b":").ok_or(())?;
+                    let p = crate::scan::parse_u64(digits, 65535).ok_or(())?;
+                    uri.port = Some(p as u16);
+                }
+            }
+        }
+        Ok(uri)
+    }
+
+    pub fn is_sip(&self) -> bool {
+        matches!(self.scheme, Scheme::Sip | Scheme::Sips)
+    }
+
+    /// URI parameters (`;name=value`), values as written.
+    pub fn params(&self) -> impl Iterator<Item = Param<'a>> {
+        Params::new(self.params).filter_map(Result::ok)
+    }
+
+    pub fn param(&self, name: &[u8]) -> Option<Param<'a>> {
+        Params::find(self.params, name)
+    }
+}
+
+/// Decode %-escapes of `src` into `dst`; returns the decoded length, or `None` when
+/// `dst` is too small. Invalid escapes are copied as they are.
+pub fn unescape_into(src: &[u8], dst: &mut [u8]) -> Option<usize> {
+    let mut n = 0;
+    let mut k = 0;
+    while k < src.len() {
+        let b = if src[k] == b'%'
+            && k + 2 < src.len()
+            && src[k + 1].is_ascii_hexdigit()
+            && src[k + 2].is_ascii_hexdigit()
+        {
+            let v = (hex(src[k + 1]) << 4) | hex(src[k + 2]);
+            k += 3;
+            v
+        } else {
+            k += 1;
+            src[k - 1]
+        };
+        *dst.get_mut(n)? = b;
+        n += 1;
+    }
+    Some(n)
+}
+
+fn hex(b: u8) -> u8 {
+    match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        _ => b - b'A' + 10,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sip_uri_parts() {
+        let u = Uri::parse(b"sip:user;par=u%40example.net@example.com").unwrap();
+        assert_eq!(u.user, Some(&b"user;par=u%40example.net"[..]));
+        assert_eq!(u.host, b"example.com");
+        let u =
+            Uri::parse(b"sips:alice:secret@[2001:db8::1]:5061;transport=tcp;lr?Subject=x&h=%20")
+                .unwrap();
+        assert_eq!(u.scheme, Scheme::Sips);
+        assert_eq!(u.password, Some(&b"secret"[..]));
+        assert_eq!(u.host, b"[2001:db8::1]");
+        assert_eq!(u.port, Some(5061));
+        assert_eq!(u.param(b"transport").unwrap().value, Some(&b"tcp"[..]));
+        assert!(u.param(b"lr").is_some());
+        assert_eq!(u.headers, Some(&b"Subject=x&h=%20"[..]));
+    }
+
+    #[test]
+    fn tel_and_other() {
+        let u = Uri::parse(b"tel:+1-201-555-0123;phone-context=example.com").unwrap();
+        assert_eq!(u.scheme, Scheme::Tel);
+        assert_eq!(u.user, Some(&b"+1-201-555-0123"[..]));
+        assert_eq!(
+            Uri::parse(b"nobodyKnowsThisScheme:totallyopaquecontent")
+                .unwrap()
+                .scheme,
+            Scheme::Other
+        );
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for bad in [
+            &b"sip:user@example.com; lr"[..],
+            b"<sip:user@example.com>",
+            b"sip:j.user @example.com",
+            b"sip:user@exa mple.com",
+            b"sip:user@host:99999",
+            b"sip:us%zzer@host",
+            b"sip:user@host;;lr",
+            b"sip:",
+        ] {
+            assert!(Uri::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn unescape() {
+        let mut b = [0u8; 32];
+        let n = unescape_into(b"null-%00-null", &mut b).unwrap();
+        assert_eq!(&b[..n], b"null-\0-null");
+        let n = unescape_into(b"100%", &mut b).unwrap();
+        assert_eq!(&b[..n], b"100%");
+    }
+}
