@@ -291,6 +291,29 @@ impl<'a> Message<'a> {
     /// Parse one message. Only the framing and the start line are checked here; header
     /// values are checked when read (see `Message::check_request`).
     pub fn parse(buf: &'a [u8], framing: Framing) -> Result<Message<'a>, ErrorKind> {
+        Self::parse_inner(buf, framing, false)
+    }
+
+    /// Frame the header fields of a request that `parse` rejected, so that a stateless
+    /// reject can copy its Via, From, To, Call-ID and CSeq (RFC 3261 §8.2.6.2). The start
+    /// line and body framing are not checked; `None` when even the header block is
+    /// unreadable or the message is a response.
+    pub fn parse_for_reject(buf: &'a [u8]) -> Option<Message<'a>> {
+        let lead = buf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        if buf.len() >= lead + 4 && buf[lead..lead + 4].eq_ignore_ascii_case(b"SIP/") {
+            return None;
+        }
+        Self::parse_inner(buf, Framing::Datagram, true).ok()
+    }
+
+    fn parse_inner(
+        buf: &'a [u8],
+        framing: Framing,
+        lenient: bool,
+    ) -> Result<Message<'a>, ErrorKind> {
         // RFC 3261 §7.5: ignore CRLFs before the start line.
         let lead = buf
             .iter()
@@ -300,9 +323,17 @@ impl<'a> Message<'a> {
         let line_end = memchr(b'\n', &buf[pos..]).ok_or(ErrorKind::Truncated)? + pos;
         let start_line = strip_cr(&buf[pos..line_end]);
         let start = if start_line.len() >= 4 && start_line[..4].eq_ignore_ascii_case(b"SIP/") {
-            status_line(start_line)?
+            status_line(start_line)
         } else {
-            request_line(start_line)?
+            request_line(start_line)
+        };
+        let start = match start {
+            Ok(s) => s,
+            Err(_) if lenient => StartLine::Request {
+                method: Method::Other(b""),
+                uri: b"",
+            },
+            Err(e) => return Err(e),
         };
         pos = line_end + 1;
 
@@ -407,8 +438,13 @@ impl<'a> Message<'a> {
             }
         }
         let rest = &buf[pos..];
-        let cl = msg.content_length()?;
+        let cl = match msg.content_length() {
+            Ok(cl) => cl,
+            Err(_) if lenient => None,
+            Err(e) => return Err(e),
+        };
         msg.body = match (cl, framing) {
+            (Some(n), _) if n > rest.len() && lenient => rest,
             (Some(n), _) => {
                 if n > rest.len() {
                     return Err(ErrorKind::BodyTruncated);

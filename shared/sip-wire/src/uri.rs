@@ -248,6 +248,98 @@ impl<'a> Uri<'a> {
     }
 }
 
+/// The octets of `s` with %-escapes decoded.
+pub fn unescaped(s: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let mut k = 0;
+    core::iter::from_fn(move || {
+        let b = *s.get(k)?;
+        if b == b'%'
+            && k + 2 < s.len()
+            && s[k + 1].is_ascii_hexdigit()
+            && s[k + 2].is_ascii_hexdigit()
+        {
+            k += 3;
+            Some((hex(s[k - 2]) << 4) | hex(s[k - 1]))
+        } else {
+            k += 1;
+            Some(b)
+        }
+    })
+}
+
+fn eq_unescaped(a: &[u8], b: &[u8], fold_case: bool) -> bool {
+    let (mut x, mut y) = (unescaped(a), unescaped(b));
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return true,
+            (Some(p), Some(q)) if p == q || (fold_case && p.eq_ignore_ascii_case(&q)) => {}
+            _ => return false,
+        }
+    }
+}
+
+impl Uri<'_> {
+    /// URI equality of RFC 3261 §19.1.4: user and password case-sensitive after
+    /// unescaping, host case-insensitive, ports equal (absent differs from 5060), the
+    /// `user`, `ttl`, `method`, `maddr` and `transport` parameters present in both or
+    /// neither, other parameters compared only when in both, headers always compared.
+    pub fn equivalent(&self, other: &Uri<'_>) -> bool {
+        if self.scheme != other.scheme {
+            return false;
+        }
+        if !matches!(self.scheme, Scheme::Sip | Scheme::Sips) {
+            return eq_unescaped(self.opaque, other.opaque, true);
+        }
+        let opt_eq = |a: Option<&[u8]>, b: Option<&[u8]>| match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => eq_unescaped(a, b, false),
+            _ => false,
+        };
+        if !opt_eq(self.user, other.user) || !opt_eq(self.password, other.password) {
+            return false;
+        }
+        if !eq_unescaped(self.host, other.host, true) || self.port != other.port {
+            return false;
+        }
+        let value_eq = |a: Option<&[u8]>, b: Option<&[u8]>| match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => eq_unescaped(a, b, true),
+            _ => false,
+        };
+        for p in self.params() {
+            match other.param(p.name) {
+                Some(q) => {
+                    if !value_eq(p.value, q.value) {
+                        return false;
+                    }
+                }
+                None => {
+                    if [&b"user"[..], b"ttl", b"method", b"maddr", b"transport"]
+                        .iter()
+                        .any(|n| p.name.eq_ignore_ascii_case(n))
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+        for q in other.params() {
+            if self.param(q.name).is_none()
+                && [&b"user"[..], b"ttl", b"method", b"maddr", b"transport"]
+                    .iter()
+                    .any(|n| q.name.eq_ignore_ascii_case(n))
+            {
+                return false;
+            }
+        }
+        match (self.headers, other.headers) {
+            (None, None) => true,
+            (Some(a), Some(b)) => eq_unescaped(a, b, false),
+            _ => false,
+        }
+    }
+}
+
 /// Decode %-escapes of `src` into `dst`; returns the decoded length, or `None` when
 /// `dst` is too small. Invalid escapes are copied as they are.
 pub fn unescape_into(src: &[u8], dst: &mut [u8]) -> Option<usize> {
@@ -328,6 +420,46 @@ mod tests {
         ] {
             assert!(Uri::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn equivalence_follows_rfc3261_19_1_4() {
+        let eq = |a: &[u8], b: &[u8]| Uri::parse(a).unwrap().equivalent(&Uri::parse(b).unwrap());
+        // RFC 3261 §19.1.4 examples of equivalent URIs.
+        assert!(eq(
+            b"sip:%61lice@atlanta.com;transport=TCP",
+            b"sip:alice@AtLanTa.CoM;Transport=tcp"
+        ));
+        assert!(eq(
+            b"sip:carol@chicago.com",
+            b"sip:carol@chicago.com;newparam=5"
+        ));
+        assert!(eq(
+            b"sip:carol@chicago.com;security=on",
+            b"sip:carol@chicago.com;newparam=5"
+        ));
+        assert!(eq(
+            b"sip:biloxi.com;transport=tcp;method=REGISTER?to=sip:bob%40biloxi.com",
+            b"sip:biloxi.com;method=REGISTER;transport=tcp?to=sip:bob%40biloxi.com"
+        ));
+        // ... and of URIs that are not.
+        assert!(!eq(
+            b"SIP:ALICE@AtLanTa.CoM;Transport=udp",
+            b"sip:alice@AtLanTa.CoM;Transport=UDP"
+        ));
+        assert!(!eq(b"sip:bob@biloxi.com", b"sip:bob@biloxi.com:5060"));
+        assert!(!eq(
+            b"sip:bob@biloxi.com",
+            b"sip:bob@biloxi.com;transport=udp"
+        ));
+        assert!(!eq(
+            b"sip:carol@chicago.com;newparam=5",
+            b"sip:carol@chicago.com;newparam=6"
+        ));
+        assert!(!eq(
+            b"sip:%00@host5.example.com",
+            b"sip:%00%00@host5.example.com"
+        ));
     }
 
     #[test]
