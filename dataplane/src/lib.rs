@@ -1,4 +1,7 @@
 //! The dataplane of a sipmesh node: per-core workers and the sans-IO SIP logic they run.
 #![deny(unsafe_code)]
 
+pub mod core;
+pub mod date;
 pub mod io;
+pub mod registrar;

@@ -82,3 +82,16 @@ pub fn now_millis() -> Millis {
         .map(|d| d.as_millis() as Millis)
         .unwrap_or(0)
 }
+
+mod config;
+mod conn;
+mod epoll;
+mod sockets;
+mod spawn;
+mod stats;
+mod sys;
+mod uring;
+
+pub use config::{Backend, IoConfig};
+pub use spawn::{Workers, spawn_workers};
+pub use stats::{IoStats, IoStatsSnapshot};

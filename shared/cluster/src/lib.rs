@@ -1,1 +1,43 @@
+//! Shared cluster state of `sipmesh`.
+//!
+//! * [`usrloc`]: the user-location table (AoR → registered contacts), read lock-free by the
+//!   worker threads and updated with atomic read-modify-write closures.
+//! * [`change`]: versioned change records (bincode 2, `config::standard()`), in an owned form
+//!   for the consumer and a borrowed, allocation-free form for the producer.
+//! * [`ring`]: a per-worker single-producer single-consumer byte ring carrying change records
+//!   from a worker to the control plane.
+//! * [`wheel`]: a sans-IO hashed timer wheel (binding expiry).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod change;
+pub mod ring;
+pub mod usrloc;
+pub mod wheel;
+
+pub use change::{Change, ChangeRecord, ChangeRecordRef, ChangeRef, RemoveReason, next_version};
+pub use ring::{ChangeBatch, ChangeConsumer, ChangeProducer, RingFull, RingStats, change_ring};
+pub use usrloc::{
+    AorRecord, Applied, Binding, BindingParts, FieldTooLong, Outcome, Update, Usrloc,
+};
+pub use wheel::TimerWheel;
+
+/// Identifier of a node of the cluster.
+#[derive(
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Debug,
+    Default,
+    bincode::Encode,
+    bincode::Decode,
+)]
+pub struct NodeId(pub u16);
+
+/// The bincode configuration used for every record of this crate:
+/// `bincode::config::standard()` (little endian, variable-length integers).
+pub const BINCODE_CONFIG: bincode::config::Configuration = bincode::config::standard();

@@ -1,0 +1,434 @@
+//! The per-worker SIP core: everything between a received message and its reply.
+//!
+//! `Core` implements the driver-facing `Handler`: it parses, validates, answers stateless
+//! rejects, OPTIONS and REGISTER, and picks the reply address from the top Via. It owns no
+//! socket and reads no clock: bytes, source and time come in, bytes to send go out.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use sip_wire::{ErrorKind, Framing, HeaderName, Message, Method, StartLine, Via, Writer};
+
+use crate::date::DateCache;
+use crate::io::{Dest, Handler, Millis, Outbox, Source, Transport};
+use crate::registrar::{RegReply, Registrar};
+
+/// Methods this node implements; the Allow header of 405 and OPTIONS replies.
+pub const ALLOW: &[u8] = b"REGISTER, OPTIONS, ACK";
+/// Option tags this node supports (RFC 3261 §8.2.2.3).
+pub const SUPPORTED: &[&[u8]] = &[b"path"];
+const SUPPORTED_HEADER: &[u8] = b"path";
+const ACCEPT: &[u8] = b"application/sdp";
+
+/// Counters of the SIP core, read by the control plane.
+#[derive(Debug, Default)]
+pub struct CoreStats {
+    pub requests: AtomicU64,
+    pub responses_received: AtomicU64,
+    pub replies_sent: AtomicU64,
+    /// Requests answered with a 4xx/5xx reject built from a parse or check failure.
+    pub rejected_malformed: AtomicU64,
+    /// Messages that could not be answered at all (no usable Via, malformed response...).
+    pub dropped: AtomicU64,
+    pub oversize: AtomicU64,
+    pub options: AtomicU64,
+    pub acks_absorbed: AtomicU64,
+    /// Replies that did not fit the send buffer.
+    pub reply_overflow: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Value of the Server header (empty: none).
+    pub server_header: String,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            server_header: concat!("sipmesh/", env!("CARGO_PKG_VERSION")).to_string(),
+        }
+    }
+}
+
+pub struct Core {
+    cfg: CoreConfig,
+    registrar: Registrar,
+    stats: Arc<CoreStats>,
+    date: DateCache,
+    tag_key: std::hash::RandomState,
+}
+
+/// What to answer.
+struct Reply<'r> {
+    code: u16,
+    reason: &'r str,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig, registrar: Registrar, stats: Arc<CoreStats>) -> Core {
+        Core {
+            cfg,
+            registrar,
+            stats,
+            date: DateCache::default(),
+            tag_key: std::hash::RandomState::new(),
+        }
+    }
+
+    pub fn registrar(&self) -> &Registrar {
+        &self.registrar
+    }
+
+    /// A To tag for a stateless reply: the same for retransmissions of a request (hash of
+    /// Call-ID, From tag and branch under a per-process random key), never a counter.
+    fn to_tag(&self, m: &Message<'_>, out: &mut [u8; 16]) {
+        let mut h = self.tag_key.build_hasher();
+        h.write(m.call_id().unwrap_or_default());
+        h.write(m.from().and_then(|f| f.tag()).unwrap_or_default());
+        h.write(m.top_via().and_then(|v| v.branch).unwrap_or_default());
+        let v = h.finish();
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[((v >> (60 - 4 * i)) & 0xf) as usize];
+        }
+    }
+
+    fn reply<O: Outbox>(
+        &mut self,
+        m: &Message<'_>,
+        src: &Source,
+        now: Millis,
+        out: &mut O,
+        r: Reply<'_>,
+        extra: impl FnOnce(&Self, &mut Writer<'_>),
+    ) {
+        let Some(via) = m.top_via() else {
+            self.stats.dropped.fetch_add(1, Relaxed);
+            return;
+        };
+        let dest = response_dest(&via, src);
+        let mut tag = [0u8; 16];
+        self.to_tag(m, &mut tag);
+        let date = {
+            let d = self.date.get(now / 1000);
+            let mut a = [0u8; 29];
+            a.copy_from_slice(d);
+            a
+        };
+        let mut ok = true;
+        out.send(dest, |buf| {
+            let mut w = Writer::new(buf);
+            w.response_head(
+                m,
+                r.code,
+                r.reason,
+                src.remote.ip(),
+                src.remote.port(),
+                Some(&tag),
+            );
+            extra(self, &mut w);
+            if !self.cfg.server_header.is_empty() {
+                w.header("Server", self.cfg.server_header.as_bytes());
+            }
+            w.header("Date", &date);
+            w.put(b"Content-Length: 0\r\n\r\n");
+            match w.finish() {
+                Some(n) => n,
+                None => {
+                    ok = false;
+                    0
+                }
+            }
+        });
+        if ok {
+            self.stats.replies_sent.fetch_add(1, Relaxed);
+        } else {
+            self.stats.reply_overflow.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn reject<O: Outbox>(
+        &mut self,
+        m: &Message<'_>,
+        src: &Source,
+        now: Millis,
+        out: &mut O,
+        e: ErrorKind,
+    ) {
+        // RFC 3261 §17.1.1.3 / §17.2.1: an ACK is never answered.
+        if m.method() == Some(Method::Ack) {
+            self.stats.dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        self.stats.rejected_malformed.fetch_add(1, Relaxed);
+        self.reply(
+            m,
+            src,
+            now,
+            out,
+            Reply {
+                code: e.status(),
+                reason: e.reason(),
+            },
+            |_, _| {},
+        );
+    }
+
+    fn request<O: Outbox>(&mut self, m: &Message<'_>, src: &Source, now: Millis, out: &mut O) {
+        let method = m.method().unwrap_or(Method::Other(b""));
+        if let Err(e) = m.check_request() {
+            // RFC 4475 §3.1.2.18: an unknown method is reported as such first.
+            let e = match (method, e) {
+                (Method::Other(_), ErrorKind::CSeqMethodMismatch) => {
+                    return self.not_implemented(m, src, now, out);
+                }
+                (_, e) => e,
+            };
+            return self.reject(m, src, now, out, e);
+        }
+        if method == Method::Ack {
+            // No INVITE server transactions yet: an ACK has nothing to match.
+            self.stats.acks_absorbed.fetch_add(1, Relaxed);
+            return;
+        }
+        // RFC 3261 §16.3 step 2 / §8.2: Max-Forwards 0 is not processed further.
+        if m.max_forwards() == Some(0) {
+            return self.reply(
+                m,
+                src,
+                now,
+                out,
+                Reply {
+                    code: 483,
+                    reason: "Too Many Hops",
+                },
+                |_, _| {},
+            );
+        }
+        // RFC 3261 §8.2.1: method inspection.
+        match method {
+            Method::Register | Method::Options => {}
+            Method::Other(_) => return self.not_implemented(m, src, now, out),
+            Method::Cancel | Method::Bye => {
+                // RFC 3261 §9.2 / §15.1.2: no matching transaction or dialog.
+                return self.reply(
+                    m,
+                    src,
+                    now,
+                    out,
+                    Reply {
+                        code: 481,
+                        reason: "Call/Transaction Does Not Exist",
+                    },
+                    |_, _| {},
+                );
+            }
+            _ => {
+                return self.reply(
+                    m,
+                    src,
+                    now,
+                    out,
+                    Reply {
+                        code: 405,
+                        reason: "Method Not Allowed",
+                    },
+                    |_, w| {
+                        w.header("Allow", ALLOW);
+                    },
+                );
+            }
+        }
+        // RFC 3261 §8.2.2.3: every Require option tag must be supported, else 420 listing
+        // the unsupported ones.
+        if m.tokens(HeaderName::Require).any(|t| !is_supported(t)) {
+            return self.reply(
+                m,
+                src,
+                now,
+                out,
+                Reply {
+                    code: 420,
+                    reason: "Bad Extension",
+                },
+                |_, w| {
+                    for t in m.tokens(HeaderName::Require).filter(|t| !is_supported(t)) {
+                        w.header("Unsupported", t);
+                    }
+                },
+            );
+        }
+        match method {
+            Method::Options => {
+                // RFC 3261 §11.2: Allow, Accept and Supported SHOULD be present.
+                self.stats.options.fetch_add(1, Relaxed);
+                self.reply(
+                    m,
+                    src,
+                    now,
+                    out,
+                    Reply {
+                        code: 200,
+                        reason: "OK",
+                    },
+                    |_, w| {
+                        w.header("Allow", ALLOW)
+                            .header("Accept", ACCEPT)
+                            .header("Supported", SUPPORTED_HEADER);
+                    },
+                );
+            }
+            Method::Register => match self.registrar.register(m, src, now) {
+                RegReply::Ok => {
+                    self.reply(
+                        m,
+                        src,
+                        now,
+                        out,
+                        Reply {
+                            code: 200,
+                            reason: "OK",
+                        },
+                        |core, w| {
+                            core.registrar.write_bindings(m, w, now);
+                            w.header("Supported", SUPPORTED_HEADER);
+                        },
+                    );
+                }
+                RegReply::Reject(r) => {
+                    self.reply(
+                        m,
+                        src,
+                        now,
+                        out,
+                        Reply {
+                            code: r.code,
+                            reason: r.reason,
+                        },
+                        |_, w| {
+                            if let Some(me) = r.min_expires {
+                                // RFC 3261 §10.3 step 7 / §21.4.17
+                                w.put(b"Min-Expires: ").put_u64(u64::from(me)).crlf();
+                            }
+                            if let Some(ra) = r.retry_after {
+                                w.put(b"Retry-After: ").put_u64(u64::from(ra)).crlf();
+                            }
+                        },
+                    );
+                }
+            },
+            _ => {}
+        }
+    }
+
+    fn not_implemented<O: Outbox>(
+        &mut self,
+        m: &Message<'_>,
+        src: &Source,
+        now: Millis,
+        out: &mut O,
+    ) {
+        // RFC 3261 §8.2.1: an unknown method is 501.
+        self.reply(
+            m,
+            src,
+            now,
+            out,
+            Reply {
+                code: 501,
+                reason: "Not Implemented",
+            },
+            |_, w| {
+                w.header("Allow", ALLOW);
+            },
+        );
+    }
+}
+
+fn is_supported(tag: &[u8]) -> bool {
+    SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(tag))
+}
+
+/// Where a response goes (RFC 3261 §18.2.2, RFC 3581 §4): back on the connection for
+/// TCP; for UDP to `maddr` when it is a literal address, else to the source address with
+/// the source port when rport was asked for, or the sent-by port (default 5060).
+pub fn response_dest(via: &Via<'_>, src: &Source) -> Dest {
+    if src.transport == Transport::Tcp
+        && let Some(c) = src.conn
+    {
+        return Dest::Conn(c);
+    }
+    let port = if via.rport.is_some() {
+        src.remote.port()
+    } else {
+        via.port.unwrap_or(5060)
+    };
+    if let Some(maddr) = via.maddr
+        && let Some(ip) = core::str::from_utf8(maddr)
+            .ok()
+            .and_then(|s| s.parse::<IpAddr>().ok())
+    {
+        return Dest::Udp(SocketAddr::new(ip, port));
+    }
+    Dest::Udp(SocketAddr::new(src.remote.ip(), port))
+}
+
+impl Handler for Core {
+    fn on_message<O: Outbox>(&mut self, msg: &[u8], src: &Source, now: Millis, out: &mut O) {
+        let framing = match src.transport {
+            Transport::Udp => Framing::Datagram,
+            Transport::Tcp => Framing::Stream,
+        };
+        match Message::parse(msg, framing) {
+            Ok(m) => match m.start {
+                StartLine::Request { .. } => {
+                    self.stats.requests.fetch_add(1, Relaxed);
+                    self.request(&m, src, now, out);
+                }
+                StartLine::Response { .. } => {
+                    // No client transactions yet: a response has nowhere to go.
+                    self.stats.responses_received.fetch_add(1, Relaxed);
+                    self.stats.dropped.fetch_add(1, Relaxed);
+                }
+            },
+            Err(e) => match Message::parse_for_reject(msg) {
+                Some(m) => {
+                    self.stats.requests.fetch_add(1, Relaxed);
+                    self.reject(&m, src, now, out, e);
+                }
+                None => {
+                    self.stats.dropped.fetch_add(1, Relaxed);
+                }
+            },
+        }
+    }
+
+    fn on_oversize<O: Outbox>(&mut self, head: &[u8], src: &Source, now: Millis, out: &mut O) {
+        self.stats.oversize.fetch_add(1, Relaxed);
+        // RFC 3261 §18.1.1 / §21.5.14: 513 Message Too Large.
+        match Message::parse_for_reject(head) {
+            Some(m) if m.method() != Some(Method::Ack) => {
+                self.reply(
+                    &m,
+                    src,
+                    now,
+                    out,
+                    Reply {
+                        code: 513,
+                        reason: "Message Too Large",
+                    },
+                    |_, _| {},
+                );
+            }
+            _ => {
+                self.stats.dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn on_tick<O: Outbox>(&mut self, now: Millis, _out: &mut O) {
+        self.registrar.on_tick(now);
+    }
+}

@@ -1,0 +1,732 @@
+//! The registrar (RFC 3261 §10.3, RFC 3327 Path, RFC 5626 instance/reg-id), sans-IO.
+//!
+//! `register` applies one REGISTER to the shared usrloc table and returns what to answer;
+//! `write_bindings` writes the 200's Contact list. Every mutation, the timer-driven
+//! expiries included, is pushed as a versioned change record onto the worker's change
+//! ring; a mutation whose records the ring could not take is never made (the REGISTER is
+//! answered 503 instead), so nothing acknowledged is missing from the change stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use sip_wire::headers::ContactAddr;
+use sip_wire::uri::unescaped;
+use sip_wire::{Contact, HeaderName, Message, Scheme, Uri, Writer};
+use sipmesh_cluster::NodeId;
+use sipmesh_cluster::change::{ChangeRecordRef, ChangeRef, RemoveReason, next_version};
+use sipmesh_cluster::ring::{ChangeBatch, ChangeProducer};
+use sipmesh_cluster::usrloc::{AorRecord, Binding, BindingParts, Q_NONE, Update, Usrloc};
+use sipmesh_cluster::wheel::TimerWheel;
+
+use crate::io::{Millis, Source, Transport};
+
+/// Most Contact values accepted in one REGISTER.
+pub const MAX_REQUEST_CONTACTS: usize = 32;
+/// Longest canonical AoR accepted.
+pub const MAX_AOR_LEN: usize = 1024;
+/// Longest User-Agent kept with a binding.
+const MAX_USER_AGENT: usize = 128;
+
+/// What happens when a REGISTER would leave an AoR with more than `max_contacts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxContactsPolicy {
+    /// Refuse the whole REGISTER: 403 "Too Many Registered Contacts"; nothing changes.
+    Reject,
+    /// Drop the least recently refreshed bindings not named in the request.
+    ReplaceOldest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrarConfig {
+    /// Used when neither the Contact nor the Expires header gives an interval.
+    pub default_expires: u32,
+    /// Shorter non-zero intervals are refused with 423 (RFC 3261 §10.3 step 7).
+    pub min_expires: u32,
+    /// Longer intervals are shortened to this.
+    pub max_expires: u32,
+    /// Most bindings per AoR.
+    pub max_contacts: usize,
+    pub max_contacts_policy: MaxContactsPolicy,
+    /// Domains served (lower case). Empty: any domain.
+    pub domains: Vec<String>,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        RegistrarConfig {
+            default_expires: 3600,
+            min_expires: 60,
+            max_expires: 86_400,
+            max_contacts: 10,
+            max_contacts_policy: MaxContactsPolicy::Reject,
+            domains: Vec::new(),
+        }
+    }
+}
+
+/// Registrar counters, read by the control plane.
+#[derive(Debug, Default)]
+pub struct RegistrarStats {
+    pub registers: AtomicU64,
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub bindings_added: AtomicU64,
+    pub bindings_refreshed: AtomicU64,
+    pub bindings_removed: AtomicU64,
+    pub bindings_expired: AtomicU64,
+    /// REGISTERs refused with 503 because the change ring was full.
+    pub change_ring_busy: AtomicU64,
+    /// Expiries deferred a second because the change ring was full.
+    pub expiry_deferred: AtomicU64,
+}
+
+/// Why a REGISTER is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reject {
+    pub code: u16,
+    pub reason: &'static str,
+    /// For 423: the Min-Expires to announce.
+    pub min_expires: Option<u32>,
+    /// For 503: the Retry-After to announce.
+    pub retry_after: Option<u32>,
+}
+
+impl Reject {
+    const fn new(code: u16, reason: &'static str) -> Reject {
+        Reject {
+            code,
+            reason,
+            min_expires: None,
+            retry_after: None,
+        }
+    }
+}
+
+/// The registrar's answer to one REGISTER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegReply {
+    /// 200 OK; list the bindings with `write_bindings`.
+    Ok,
+    Reject(Reject),
+}
+
+/// One Contact of the request, resolved.
+#[derive(Clone, Copy)]
+struct ReqContact<'a> {
+    contact: ContactAddr<'a>,
+    uri: Uri<'a>,
+    expires: u32,
+}
+
+const F_ALIVE: u8 = 1;
+const F_TOUCHED: u8 = 2;
+
+pub struct Registrar {
+    cfg: RegistrarConfig,
+    table: Arc<Usrloc>,
+    changes: ChangeProducer,
+    node: NodeId,
+    worker: u16,
+    wheel: TimerWheel<Arc<[u8]>>,
+    stats: Arc<RegistrarStats>,
+    // Reused scratch space: no allocation per REGISTER once warmed up.
+    aor: Vec<u8>,
+    path: Vec<u8>,
+    flags: Vec<u8>,
+    batch: ChangeBatch,
+    due: Vec<Arc<[u8]>>,
+    last_version: u64,
+}
+
+/// Bytes a change record may take beyond the strings it carries.
+const RECORD_OVERHEAD: usize = 96;
+
+impl Registrar {
+    pub fn new(
+        cfg: RegistrarConfig,
+        table: Arc<Usrloc>,
+        changes: ChangeProducer,
+        node: NodeId,
+        worker: u16,
+        now_ms: Millis,
+        stats: Arc<RegistrarStats>,
+    ) -> Registrar {
+        Registrar {
+            cfg,
+            table,
+            changes,
+            node,
+            worker,
+            wheel: TimerWheel::new((now_ms / 1000) as u32, 4096),
+            stats,
+            aor: Vec::with_capacity(MAX_AOR_LEN),
+            path: Vec::with_capacity(4096),
+            flags: Vec::with_capacity(256),
+            batch: ChangeBatch::with_capacity(64 * 1024),
+            due: Vec::with_capacity(1024),
+            last_version: 0,
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<RegistrarStats> {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &RegistrarConfig {
+        &self.cfg
+    }
+
+    /// Canonical AoR of a SIP URI: unescaped user, '@', lower-case host. Escaped NULs
+    /// stay in the key (RFC 4475 §3.1.1.4): an AoR is never truncated.
+    fn canonical_aor(out: &mut Vec<u8>, uri: &Uri<'_>) -> bool {
+        out.clear();
+        if let Some(user) = uri.user {
+            out.extend(unescaped(user));
+            out.push(b'@');
+        }
+        out.extend(unescaped(uri.host).map(|b| b.to_ascii_lowercase()));
+        out.len() <= MAX_AOR_LEN
+    }
+
+    /// Apply one REGISTER (already through `Message::check_request`).
+    pub fn register(&mut self, m: &Message<'_>, src: &Source, now_ms: Millis) -> RegReply {
+        self.stats.registers.fetch_add(1, Relaxed);
+        let r = self.register_inner(m, src, now_ms);
+        match r {
+            RegReply::Ok => self.stats.accepted.fetch_add(1, Relaxed),
+            RegReply::Reject(_) => self.stats.rejected.fetch_add(1, Relaxed),
+        };
+        r
+    }
+
+    fn register_inner(&mut self, m: &Message<'_>, src: &Source, now_ms: Millis) -> RegReply {
+        let now_s = (now_ms / 1000) as u32;
+        // RFC 3261 §10.3 step 1: is the domain of the Request-URI ours?
+        let Some(ruri) = m.request_uri().and_then(|u| Uri::parse(u).ok()) else {
+            return RegReply::Reject(Reject::new(400, "Bad Request-URI"));
+        };
+        if !ruri.is_sip() {
+            return RegReply::Reject(Reject::new(416, "Unsupported URI Scheme"));
+        }
+        if !self.cfg.domains.is_empty()
+            && !self
+                .cfg
+                .domains
+                .iter()
+                .any(|d| d.as_bytes().eq_ignore_ascii_case(ruri.host))
+        {
+            return RegReply::Reject(Reject::new(404, "Domain Not Served"));
+        }
+        // RFC 3261 §10.3 step 5: the AoR comes from To and must be a SIP(S) URI.
+        let Some(to) = m.to() else {
+            return RegReply::Reject(Reject::new(400, "Malformed To"));
+        };
+        let to_uri = to.parsed_uri();
+        if !matches!(to_uri.scheme, Scheme::Sip | Scheme::Sips) {
+            return RegReply::Reject(Reject::new(400, "Address-of-Record Must Be a SIP URI"));
+        }
+        if !self.cfg.domains.is_empty()
+            && !self
+                .cfg
+                .domains
+                .iter()
+                .any(|d| d.as_bytes().eq_ignore_ascii_case(to_uri.host))
+        {
+            return RegReply::Reject(Reject::new(404, "Not Found"));
+        }
+        if !Self::canonical_aor(&mut self.aor, &to_uri) {
+            return RegReply::Reject(Reject::new(400, "Address-of-Record Too Long"));
+        }
+        let (Some(call_id), Some(cseq)) = (m.call_id(), m.cseq()) else {
+            return RegReply::Reject(Reject::new(400, "Malformed CSeq"));
+        };
+        let header_expires = m.expires();
+
+        // RFC 3261 §10.3 step 6: collect the contacts; '*' only alone and with Expires: 0.
+        let mut star = false;
+        let blank = ReqContact {
+            contact: ContactAddr {
+                addr: sip_wire::NameAddr {
+                    display: b"",
+                    uri: b"",
+                    bracketed: false,
+                    params: b"",
+                },
+                expires: None,
+                q: None,
+                instance: None,
+                reg_id: None,
+            },
+            uri: to_uri,
+            expires: 0,
+        };
+        let mut contacts = [blank; MAX_REQUEST_CONTACTS];
+        let mut n = 0;
+        for c in m.contacts() {
+            match c {
+                Ok(Contact::Star) => star = true,
+                Ok(Contact::Addr(a)) => {
+                    if n == MAX_REQUEST_CONTACTS {
+                        return RegReply::Reject(Reject::new(403, "Too Many Contacts In Request"));
+                    }
+                    let uri = a.addr.parsed_uri();
+                    // RFC 3261 §10.3 step 7: Contact param, else Expires header, else default.
+                    let expires = a
+                        .expires
+                        .or(header_expires)
+                        .unwrap_or(self.cfg.default_expires);
+                    contacts[n] = ReqContact {
+                        contact: a,
+                        uri,
+                        expires,
+                    };
+                    n += 1;
+                }
+                Err(()) => return RegReply::Reject(Reject::new(400, "Malformed Contact")),
+            }
+        }
+        let contacts = &mut contacts[..n];
+        if star && (n > 0 || header_expires != Some(0)) {
+            // RFC 3261 §10.3 step 6
+            return RegReply::Reject(Reject::new(400, "Invalid Wildcard Contact"));
+        }
+        for c in contacts.iter_mut() {
+            // RFC 3261 §10.3 step 7: refuse a too-short interval with 423 and Min-Expires
+            // (only below one hour); otherwise raise or shorten it into range.
+            if c.expires > 0 && c.expires < self.cfg.min_expires {
+                if c.expires < 3600 {
+                    return RegReply::Reject(Reject {
+                        min_expires: Some(self.cfg.min_expires),
+                        ..Reject::new(423, "Interval Too Brief")
+                    });
+                }
+                c.expires = self.cfg.min_expires;
+            }
+            c.expires = c.expires.min(self.cfg.max_expires);
+        }
+        if !star && n == 0 {
+            // A fetch of the current bindings (RFC 3261 §10.2.3).
+            return RegReply::Ok;
+        }
+
+        // RFC 3327 §5.3: keep the Path values with the bindings.
+        self.path.clear();
+        for (k, v) in m.headers_named(HeaderName::Path).enumerate() {
+            if k > 0 {
+                self.path.extend_from_slice(b",");
+            }
+            self.path.extend_from_slice(v);
+        }
+        let user_agent = m.header(HeaderName::UserAgent).unwrap_or_default();
+        let user_agent = &user_agent[..user_agent.len().min(MAX_USER_AGENT)];
+        let transport = match src.transport {
+            Transport::Udp => sipmesh_cluster::usrloc::TRANSPORT_UDP,
+            Transport::Tcp => sipmesh_cluster::usrloc::TRANSPORT_TCP,
+        };
+
+        // Nothing acknowledged may be missing from the change stream: make sure the ring
+        // can take every record this REGISTER may produce before touching the table.
+        let per_record = m.len + RECORD_OVERHEAD + MAX_AOR_LEN;
+        let bound = (n + self.cfg.max_contacts + 1) * per_record;
+        if self.changes.free_bytes() < bound.min(self.changes.capacity() / 2) {
+            self.stats.change_ring_busy.fetch_add(1, Relaxed);
+            return RegReply::Reject(Reject {
+                retry_after: Some(1),
+                ..Reject::new(503, "Change Stream Busy")
+            });
+        }
+
+        let Registrar {
+            cfg,
+            table,
+            changes,
+            node,
+            worker,
+            flags,
+            batch,
+            aor,
+            path,
+            last_version,
+            ..
+        } = self;
+        let (node, worker) = (*node, *worker);
+        let free = changes.free_bytes();
+        let contacts = &*contacts;
+        let outcome = table.update(aor, |old| {
+            batch.clear();
+            flags.clear();
+            let old = old.map(AorRecord::bindings).unwrap_or(&[]);
+            let mut next: Vec<Binding> = Vec::with_capacity(old.len() + contacts.len());
+            let mut version = *last_version;
+            let mut bump = |prev: u64| {
+                version = next_version(prev.max(version), now_ms, worker);
+                version
+            };
+            for b in old {
+                if b.expires_at <= now_s {
+                    // Lapsed but not yet collected by the timer: it goes now.
+                    let v = bump(b.version);
+                    batch.push(&remove_record(
+                        node,
+                        v,
+                        now_ms,
+                        aor,
+                        b,
+                        RemoveReason::Expired,
+                    ));
+                    continue;
+                }
+                next.push(b.clone());
+                flags.push(F_ALIVE);
+            }
+            if star {
+                for (b, f) in next.iter().zip(flags.iter_mut()) {
+                    let v = bump(b.version);
+                    batch.push(&remove_record(
+                        node,
+                        v,
+                        now_ms,
+                        aor,
+                        b,
+                        RemoveReason::Unregistered,
+                    ));
+                    *f = 0;
+                }
+            }
+            for c in contacts {
+                let instance = c.contact.instance.unwrap_or_default();
+                let reg_id = c.contact.reg_id.unwrap_or(0);
+                let found = next.iter().zip(flags.iter()).position(|(b, &f)| {
+                    f & F_ALIVE != 0 && same_binding(b, instance, reg_id, &c.uri)
+                });
+                if let Some(i) = found {
+                    let b = &next[i];
+                    // RFC 3261 §10.3 step 7: same Call-ID needs a higher CSeq, else the
+                    // update is aborted and the request fails.
+                    if flags[i] & F_TOUCHED == 0 && b.call_id() == call_id && cseq.seq <= b.cseq {
+                        return Update::Keep(Err(Reject::new(500, "Out of Order CSeq")));
+                    }
+                    let v = bump(b.version);
+                    if c.expires == 0 {
+                        batch.push(&remove_record(
+                            node,
+                            v,
+                            now_ms,
+                            aor,
+                            b,
+                            RemoveReason::Unregistered,
+                        ));
+                        flags[i] = 0;
+                        continue;
+                    }
+                    if b.contact() != c.contact.addr.uri {
+                        // Same instance, new contact: the old one is replaced.
+                        batch.push(&remove_record(
+                            node,
+                            v,
+                            now_ms,
+                            aor,
+                            b,
+                            RemoveReason::Replaced,
+                        ));
+                    }
+                    let nb = new_binding(
+                        c, call_id, cseq.seq, path, user_agent, src, transport, now_s, v, node,
+                    );
+                    batch.push(&upsert_record(node, v, now_ms, aor, &nb));
+                    next[i] = nb;
+                    flags[i] = F_ALIVE | F_TOUCHED;
+                } else if c.expires > 0 {
+                    let v = bump(0);
+                    let nb = new_binding(
+                        c, call_id, cseq.seq, path, user_agent, src, transport, now_s, v, node,
+                    );
+                    batch.push(&upsert_record(node, v, now_ms, aor, &nb));
+                    next.push(nb);
+                    flags.push(F_ALIVE | F_TOUCHED);
+                }
+            }
+            let mut alive = flags.iter().filter(|&&f| f & F_ALIVE != 0).count();
+            if alive > cfg.max_contacts {
+                if cfg.max_contacts_policy == MaxContactsPolicy::Reject {
+                    return Update::Keep(Err(Reject::new(403, "Too Many Registered Contacts")));
+                }
+                while alive > cfg.max_contacts {
+                    let oldest = (0..next.len())
+                        .filter(|&i| flags[i] == F_ALIVE)
+                        .min_by_key(|&i| (next[i].last_modified, next[i].expires_at));
+                    let Some(i) = oldest else {
+                        return Update::Keep(Err(Reject::new(403, "Too Many Registered Contacts")));
+                    };
+                    let v = bump(next[i].version);
+                    batch.push(&remove_record(
+                        node,
+                        v,
+                        now_ms,
+                        aor,
+                        &next[i],
+                        RemoveReason::Replaced,
+                    ));
+                    flags[i] = 0;
+                    alive -= 1;
+                }
+            }
+            if batch.frame_bytes() > free {
+                return Update::Keep(Err(Reject {
+                    retry_after: Some(1),
+                    ..Reject::new(503, "Change Stream Busy")
+                }));
+            }
+            let kept: Vec<Binding> = next
+                .into_iter()
+                .zip(flags.iter())
+                .filter(|(_, f)| **f & F_ALIVE != 0)
+                .map(|(b, _)| b)
+                .collect();
+            let min_exp = kept.iter().map(|b| b.expires_at).min();
+            Update::Replace(AorRecord::new(kept), Ok((version, min_exp)))
+        });
+        match outcome.value {
+            Err(rej) => {
+                if rej.code == 503 {
+                    self.stats.change_ring_busy.fetch_add(1, Relaxed);
+                }
+                RegReply::Reject(rej)
+            }
+            Ok((version, min_exp)) => {
+                self.last_version = version;
+                if self.changes.push_batch(&self.batch).is_err() {
+                    // Unreachable: the batch was sized against the free space, which only
+                    // grows until this single producer pushes.
+                    debug_assert!(false, "change ring refused a batch sized to fit");
+                }
+                self.count_batch();
+                if let (Some(key), Some(at)) = (outcome.key, min_exp) {
+                    self.wheel.insert(at, key);
+                }
+                RegReply::Ok
+            }
+        }
+    }
+
+    fn count_batch(&self) {
+        for rec in self.batch.iter_kinds() {
+            match rec {
+                Some(RemoveReason::Expired) => self.stats.bindings_expired.fetch_add(1, Relaxed),
+                Some(_) => self.stats.bindings_removed.fetch_add(1, Relaxed),
+                None => self.stats.bindings_added.fetch_add(1, Relaxed),
+            };
+        }
+    }
+
+    /// Write the 200's Contact list (every current binding with its remaining expires,
+    /// RFC 3261 §10.3 step 8) and the Path echo (RFC 3327 §5.3).
+    pub fn write_bindings(&self, m: &Message<'_>, w: &mut Writer<'_>, now_ms: Millis) {
+        let now_s = (now_ms / 1000) as u32;
+        self.table.read(&self.aor, |rec| {
+            for b in rec.map(AorRecord::bindings).unwrap_or(&[]) {
+                if b.expires_at <= now_s {
+                    continue;
+                }
+                w.put(b"Contact: <")
+                    .put(b.contact())
+                    .put(b">;expires=")
+                    .put_u64(u64::from(b.expires_at - now_s));
+                if b.q != Q_NONE {
+                    write_q(w, b.q);
+                }
+                if !b.instance().is_empty() {
+                    w.put(b";+sip.instance=\"").put(b.instance()).put(b"\"");
+                }
+                if b.reg_id != 0 {
+                    w.put(b";reg-id=").put_u64(u64::from(b.reg_id));
+                }
+                w.crlf();
+            }
+        });
+        let supports_path = m
+            .tokens(HeaderName::Supported)
+            .any(|t| t.eq_ignore_ascii_case(b"path"));
+        if supports_path {
+            for p in m.headers_named(HeaderName::Path) {
+                w.header("Path", p);
+            }
+        }
+    }
+
+    /// Remove the bindings whose time has come (timer wheel, one-second resolution).
+    pub fn on_tick(&mut self, now_ms: Millis) {
+        let now_s = (now_ms / 1000) as u32;
+        let due = &mut self.due;
+        self.wheel.advance(now_s, |k| due.push(k));
+        let mut due = std::mem::take(&mut self.due);
+        for key in due.drain(..) {
+            self.expire(&key, now_s, now_ms);
+        }
+        self.due = due;
+    }
+
+    fn expire(&mut self, key: &Arc<[u8]>, now_s: u32, now_ms: Millis) {
+        let Registrar {
+            table,
+            changes,
+            node,
+            worker,
+            batch,
+            last_version,
+            ..
+        } = self;
+        let (node, worker) = (*node, *worker);
+        let free = changes.free_bytes();
+        let outcome = table.update(key, |old| {
+            batch.clear();
+            let Some(old) = old else {
+                return Update::Keep(None);
+            };
+            if old.bindings().iter().all(|b| b.expires_at > now_s) {
+                return Update::Keep(Some((*last_version, old.min_expires_at())));
+            }
+            let mut version = *last_version;
+            let mut kept = Vec::with_capacity(old.len());
+            for b in old.bindings() {
+                if b.expires_at <= now_s {
+                    version = next_version(b.version.max(version), now_ms, worker);
+                    batch.push(&remove_record(
+                        node,
+                        version,
+                        now_ms,
+                        key,
+                        b,
+                        RemoveReason::Expired,
+                    ));
+                } else {
+                    kept.push(b.clone());
+                }
+            }
+            if batch.frame_bytes() > free {
+                return Update::Keep(Some((u64::MAX, None)));
+            }
+            let min = kept.iter().map(|b| b.expires_at).min();
+            Update::Replace(AorRecord::new(kept), Some((version, min)))
+        });
+        match outcome.value {
+            Some((u64::MAX, None)) => {
+                // The ring cannot take the records now: try again in a second.
+                self.stats.expiry_deferred.fetch_add(1, Relaxed);
+                self.wheel.insert(now_s + 1, key.clone());
+            }
+            Some((version, next_at)) => {
+                if outcome.applied != sipmesh_cluster::usrloc::Applied::Kept {
+                    self.last_version = version;
+                    let _ = self.changes.push_batch(&self.batch);
+                    self.count_batch();
+                }
+                if let Some(at) = next_at {
+                    self.wheel.insert(at, key.clone());
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Bindings waiting in this worker's timer wheel.
+    pub fn timers(&self) -> usize {
+        self.wheel.len()
+    }
+}
+
+/// RFC 5626 §6 / RFC 5627: with an instance on both sides, (instance, reg-id) names the
+/// binding; otherwise Contact URIs are compared by RFC 3261 §19.1.4.
+fn same_binding(b: &Binding, instance: &[u8], reg_id: u32, uri: &Uri<'_>) -> bool {
+    if !instance.is_empty() && !b.instance().is_empty() {
+        return b.instance() == instance && b.reg_id == reg_id;
+    }
+    Uri::parse(b.contact()).is_ok_and(|u| u.equivalent(uri))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_binding(
+    c: &ReqContact<'_>,
+    call_id: &[u8],
+    cseq: u32,
+    path: &[u8],
+    user_agent: &[u8],
+    src: &Source,
+    transport: u8,
+    now_s: u32,
+    version: u64,
+    origin: NodeId,
+) -> Binding {
+    Binding::new(BindingParts {
+        contact: c.contact.addr.uri,
+        call_id,
+        path,
+        instance: c.contact.instance.unwrap_or_default(),
+        user_agent,
+        expires_at: now_s.saturating_add(c.expires),
+        cseq,
+        q: c.contact.q.unwrap_or(Q_NONE),
+        reg_id: c.contact.reg_id.unwrap_or(0),
+        source: src.remote,
+        transport,
+        flags: 0,
+        version,
+        origin,
+        last_modified: now_s,
+    })
+}
+
+fn upsert_record<'a>(
+    origin: NodeId,
+    version: u64,
+    at_ms: u64,
+    aor: &'a [u8],
+    b: &'a Binding,
+) -> ChangeRecordRef<'a> {
+    ChangeRecordRef {
+        origin,
+        version,
+        at_ms,
+        change: ChangeRef::BindingUpsert { aor, binding: b },
+    }
+}
+
+fn remove_record<'a>(
+    origin: NodeId,
+    version: u64,
+    at_ms: u64,
+    aor: &'a [u8],
+    b: &'a Binding,
+    reason: RemoveReason,
+) -> ChangeRecordRef<'a> {
+    ChangeRecordRef {
+        origin,
+        version,
+        at_ms,
+        change: ChangeRef::BindingRemove {
+            aor,
+            contact: b.contact(),
+            instance: b.instance(),
+            reg_id: b.reg_id,
+            reason,
+        },
+    }
+}
+
+/// `;q=0.5`, `;q=1`, `;q=0.125`
+fn write_q(w: &mut Writer<'_>, q: u16) {
+    if q >= 1000 {
+        w.put(b";q=1");
+        return;
+    }
+    let digits = [
+        b'0' + (q / 100) as u8,
+        b'0' + (q / 10 % 10) as u8,
+        b'0' + (q % 10) as u8,
+    ];
+    let len = 3 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+    w.put(b";q=0");
+    if len > 0 {
+        w.put(b".").put(&digits[..len]);
+    }
+}
