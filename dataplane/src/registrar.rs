@@ -430,17 +430,23 @@ impl Registrar {
                             RemoveReason::Replaced,
                         ));
                     }
-                    let nb = new_binding(
+                    let nb = match new_binding(
                         c, call_id, cseq.seq, path, user_agent, src, transport, now_s, v, node,
-                    );
+                    ) {
+                        Ok(b) => b,
+                        Err(r) => return Update::Keep(Err(r)),
+                    };
                     batch.push(&upsert_record(node, v, now_ms, aor, &nb));
                     next[i] = nb;
                     flags[i] = F_ALIVE | F_TOUCHED;
                 } else if c.expires > 0 {
                     let v = bump(0);
-                    let nb = new_binding(
+                    let nb = match new_binding(
                         c, call_id, cseq.seq, path, user_agent, src, transport, now_s, v, node,
-                    );
+                    ) {
+                        Ok(b) => b,
+                        Err(r) => return Update::Keep(Err(r)),
+                    };
                     batch.push(&upsert_record(node, v, now_ms, aor, &nb));
                     next.push(nb);
                     flags.push(F_ALIVE | F_TOUCHED);
@@ -656,8 +662,8 @@ fn new_binding(
     now_s: u32,
     version: u64,
     origin: NodeId,
-) -> Binding {
-    Binding::new(BindingParts {
+) -> Result<Binding, Reject> {
+    Binding::try_new(BindingParts {
         contact: c.contact.addr.uri,
         call_id,
         path,
@@ -674,6 +680,7 @@ fn new_binding(
         origin,
         last_modified: now_s,
     })
+    .map_err(|_| Reject::new(400, "Header Value Too Long"))
 }
 
 fn upsert_record<'a>(

@@ -361,6 +361,28 @@ fn tcp_message_split_across_writes(backend: Backend) {
     assert_eq!(srv.totals().tcp_rx_msgs, 2);
 }
 
+fn tcp_pipelined_burst(backend: Backend) {
+    let srv = Server::start(backend, |_| {});
+    let mut s = tcp_client(srv.tcp());
+    let msgs: Vec<Vec<u8>> = (0..2000)
+        .map(|i| sip("MESSAGE", &format!("{i:>1000}")))
+        .collect();
+    let stream: Vec<u8> = msgs.concat();
+    let want: Vec<u8> = msgs.iter().flat_map(|m| echo_of(m)).collect();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for chunk in stream.chunks(32 * 1024) {
+            w.write_all(chunk).unwrap();
+        }
+    });
+    assert!(
+        read_exact(&mut s, want.len()) == want,
+        "echo stream differs"
+    );
+    writer.join().unwrap();
+    assert_eq!(srv.totals().tcp_rx_msgs, 2000);
+}
+
 fn tcp_ping_gets_one_crlf_pong(backend: Backend) {
     let srv = Server::start(backend, |_| {});
     let mut s = tcp_client(srv.tcp());
@@ -539,6 +561,7 @@ for_both_backends!(
     udp_oversize_reaches_on_oversize,
     tcp_two_messages_in_one_write,
     tcp_message_split_across_writes,
+    tcp_pipelined_burst,
     tcp_ping_gets_one_crlf_pong,
     tcp_invalid_framing_closes,
     tcp_handler_close_after_reply,

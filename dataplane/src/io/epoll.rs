@@ -6,7 +6,9 @@ use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
-use super::conn::{CloseReason, Conn, Conns, begin_close, pick_udp, process_stream};
+use super::conn::{
+    CloseReason, Conn, Conns, begin_close, idle_sweep_interval, pick_udp, process_stream,
+};
 use super::sockets::{Bound, WorkerSockets, conn_addrs, tune_accepted};
 use super::spawn::Stop;
 use super::stats::{IoStats, bump};
@@ -101,6 +103,8 @@ pub(crate) struct EpollDriver {
     max: usize,
     idle_ms: u64,
     tick_ms: u64,
+    /// When the next idle-connection sweep is due.
+    next_sweep: Millis,
 }
 
 impl EpollDriver {
@@ -133,6 +137,7 @@ impl EpollDriver {
             max,
             idle_ms: cfg.tcp_idle_timeout_ms,
             tick_ms: cfg.tick_ms,
+            next_sweep: 0,
         })
     }
 
@@ -414,7 +419,13 @@ impl EpollDriver {
         self.tmp = dirty;
     }
 
+    /// Close connections idle for the timeout. Runs every `idle_sweep_interval`, not on
+    /// every tick, so a short tick does not scan every connection each time.
     fn sweep_idle(&mut self, now: Millis, stats: &IoStats) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + idle_sweep_interval(self.idle_ms, self.tick_ms);
         let mut slots = std::mem::take(&mut self.tmp);
         self.conns.live_slots(&mut slots);
         for &slot in &slots {

@@ -16,7 +16,9 @@ use io_uring::types::{BufRingEntry, CancelBuilder, Fd, RecvMsgOut, SubmitArgs, T
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use socket2::{SockAddr, Socket};
 
-use super::conn::{CloseReason, Conn, Conns, begin_close, pick_udp, process_stream};
+use super::conn::{
+    CloseReason, Conn, Conns, begin_close, idle_sweep_interval, pick_udp, process_stream,
+};
 use super::sockets::{Bound, WorkerSockets, conn_addrs, tune_accepted};
 use super::spawn::Stop;
 use super::stats::{IoStats, bump};
@@ -308,6 +310,8 @@ pub(crate) struct UringDriver {
     max: usize,
     idle_ms: u64,
     tick_ms: u64,
+    /// When the next idle-connection sweep is due.
+    next_sweep: Millis,
     /// Whether the ring got SINGLE_ISSUER|DEFER_TASKRUN.
     fast_flags: bool,
 }
@@ -417,6 +421,7 @@ impl UringDriver {
             max: cfg.max_message_size,
             idle_ms: cfg.tcp_idle_timeout_ms,
             tick_ms: cfg.tick_ms,
+            next_sweep: 0,
             fast_flags,
         }
     }
@@ -796,7 +801,13 @@ impl UringDriver {
         self.tmp = dirty;
     }
 
+    /// Close connections idle for the timeout. Runs every `idle_sweep_interval`, not on
+    /// every tick, so a short tick does not scan every connection each time.
     fn sweep_idle(&mut self, now: Millis, stats: &IoStats) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + idle_sweep_interval(self.idle_ms, self.tick_ms);
         let mut slots = std::mem::take(&mut self.tmp);
         self.tx.conns.live_slots(&mut slots);
         for &slot in &slots {
