@@ -282,7 +282,7 @@ impl Registrar {
                     };
                     n += 1;
                 }
-                Err(()) => return RegReply::Reject(Reject::new(400, "Malformed Contact")),
+                Err(_) => return RegReply::Reject(Reject::new(400, "Malformed Contact")),
             }
         }
         let contacts = &mut contacts[..n];

@@ -21,12 +21,17 @@ pub fn sipd_bin() -> PathBuf {
     BIN.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target/<profile>/sipd
-        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target dir")
+            .to_path_buf();
         let bin = profile_dir.join("sipd");
         if !bin.exists() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "sipmesh-controlplane", "--bin", "sipd"]).current_dir(repo_root());
+            cmd.args(["build", "-p", "sipmesh-controlplane", "--bin", "sipd"])
+                .current_dir(repo_root());
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -42,7 +47,12 @@ pub fn sipd_bin() -> PathBuf {
 /// tests running in parallel never share an address and port.
 pub fn own_ip() -> Ipv4Addr {
     let pid = std::process::id();
-    Ipv4Addr::new(127, 64 + ((pid >> 16) & 0x3f) as u8, ((pid >> 8) & 0xff) as u8, (pid & 0xff) as u8)
+    Ipv4Addr::new(
+        127,
+        64 + ((pid >> 16) & 0x3f) as u8,
+        ((pid >> 8) & 0xff) as u8,
+        (pid & 0xff) as u8,
+    )
 }
 
 /// A second loopback address for clients that must sit on port 5060 themselves.
@@ -72,7 +82,11 @@ impl Sipd {
     }
 
     pub fn start_on(addr: SocketAddr, config: &str, extra_args: &[&str]) -> Sipd {
-        let dir = std::env::temp_dir().join(format!("sipmesh-test-{}-{}", std::process::id(), addr.port()));
+        let dir = std::env::temp_dir().join(format!(
+            "sipmesh-test-{}-{}",
+            std::process::id(),
+            addr.port()
+        ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let cfg_path = dir.join("sipd.toml");
         std::fs::write(&cfg_path, config).expect("write config");
@@ -117,7 +131,13 @@ impl Sipd {
                 }
             });
         }
-        let s = Sipd { child, addr, stdout_lines, stdout_rx, stderr };
+        let s = Sipd {
+            child,
+            addr,
+            stdout_lines,
+            stdout_rx,
+            stderr,
+        };
         if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
             panic!("sipd did not start: {}", s.stderr.lock().unwrap());
         }
@@ -136,7 +156,13 @@ impl Sipd {
     /// Wait (bounded) for a change-record line containing every needle.
     pub fn wait_change(&self, needles: &[&str], timeout: Duration) -> Option<String> {
         let matches = |l: &str| needles.iter().all(|n| l.contains(n));
-        if let Some(l) = self.stdout_lines.lock().unwrap().iter().find(|l| matches(l)) {
+        if let Some(l) = self
+            .stdout_lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| matches(l))
+        {
             return Some(l.clone());
         }
         let deadline = Instant::now() + timeout;
@@ -165,7 +191,10 @@ impl Sipd {
         }
         // Only the process this harness started, by its PID.
         let pid = self.child.id() as libc::pid_t;
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -198,7 +227,11 @@ impl UdpClient {
     }
 
     pub fn new(server: SocketAddr) -> UdpClient {
-        let ip = if server.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" };
+        let ip = if server.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        };
         let local: SocketAddr = match server.ip() {
             IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(client_ip()), 0),
             IpAddr::V6(_) => ip.parse().unwrap(),
@@ -226,7 +259,9 @@ impl UdpClient {
     pub fn recv_within(&self, t: Duration) -> Option<String> {
         self.sock.set_read_timeout(Some(t)).unwrap();
         let r = self.recv();
-        self.sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        self.sock
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
         r
     }
 
@@ -244,10 +279,16 @@ pub struct TcpClient {
 
 impl TcpClient {
     pub fn connect(server: SocketAddr) -> TcpClient {
-        let stream = TcpStream::connect_timeout(&server, Duration::from_secs(3)).expect("tcp connect");
-        stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let stream =
+            TcpStream::connect_timeout(&server, Duration::from_secs(3)).expect("tcp connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
-        TcpClient { stream, buf: Vec::new() }
+        TcpClient {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub fn local(&self) -> SocketAddr {
@@ -281,8 +322,9 @@ impl TcpClient {
                     .lines()
                     .find_map(|l| {
                         let (n, v) = l.split_once(':')?;
-                        (n.trim().eq_ignore_ascii_case("content-length") || n.trim().eq_ignore_ascii_case("l"))
-                            .then(|| v.trim().parse::<usize>().ok())?
+                        (n.trim().eq_ignore_ascii_case("content-length")
+                            || n.trim().eq_ignore_ascii_case("l"))
+                        .then(|| v.trim().parse::<usize>().ok())?
                     })
                     .unwrap_or(0);
                 let total = end + 4 + cl;
@@ -327,12 +369,23 @@ pub fn status(reply: &str) -> u16 {
 pub fn header_values<'a>(reply: &'a str, name: &str) -> Vec<&'a str> {
     reply
         .split("\r\n")
-        .filter_map(|l| l.split_once(": ").filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+        .filter_map(|l| {
+            l.split_once(": ")
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
         .collect()
 }
 
 /// A REGISTER from `via` (host:port) for `user@example.com`.
-pub fn register(via: SocketAddr, transport: &str, user: &str, call_id: &str, cseq: u32, extra: &[&str]) -> String {
+pub fn register(
+    via: SocketAddr,
+    transport: &str,
+    user: &str,
+    call_id: &str,
+    cseq: u32,
+    extra: &[&str],
+) -> String {
     let mut m = format!(
         "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/{transport} {via};rport;branch=z9hG4bK{call_id}x{cseq}\r\nMax-Forwards: 70\r\nFrom: <sip:{user}@example.com>;tag=t{cseq}\r\nTo: <sip:{user}@example.com>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n"
     );

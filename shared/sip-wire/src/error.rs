@@ -75,3 +75,15 @@ impl fmt::Display for ErrorKind {
 }
 
 impl std::error::Error for ErrorKind {}
+
+/// A header value or URI that does not follow its grammar (the caller knows which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed;
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("malformed")
+    }
+}
+
+impl std::error::Error for Malformed {}

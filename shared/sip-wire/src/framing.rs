@@ -1,6 +1,7 @@
 //! Stream framing for connection-oriented transports (RFC 3261 §18.3) and the
 //! RFC 5626 §3.5.1 CRLF keep-alive.
 
+use crate::error::Malformed;
 use memchr::memmem;
 
 /// What the front of a TCP receive buffer holds.
@@ -58,7 +59,7 @@ pub fn frame_stream(buf: &[u8], max_size: usize) -> StreamFrame {
     let cl = match content_length(&buf[..head_end]) {
         Ok(Some(n)) => n,
         // RFC 3261 §18.3: Content-Length MUST be used with stream transports.
-        Ok(None) | Err(()) => return StreamFrame::Invalid,
+        Ok(None) | Err(Malformed) => return StreamFrame::Invalid,
     };
     let total = match head_end.checked_add(cl) {
         Some(t) => t,
@@ -75,7 +76,7 @@ pub fn frame_stream(buf: &[u8], max_size: usize) -> StreamFrame {
 
 /// Scan a header block for Content-Length (long or compact `l` form). `Ok(None)` when
 /// absent, `Err` when malformed or given twice with different values.
-pub(crate) fn content_length(head: &[u8]) -> Result<Option<usize>, ()> {
+pub(crate) fn content_length(head: &[u8]) -> Result<Option<usize>, Malformed> {
     let mut found: Option<usize> = None;
     let mut pos = 0;
     while pos < head.len() {
@@ -91,11 +92,11 @@ pub(crate) fn content_length(head: &[u8]) -> Result<Option<usize>, ()> {
         }
         let v = trim(&line[colon + 1..]);
         if v.is_empty() || v.len() > 9 || !v.iter().all(u8::is_ascii_digit) {
-            return Err(());
+            return Err(Malformed);
         }
         let n = v.iter().fold(0usize, |a, &d| a * 10 + (d - b'0') as usize);
         match found {
-            Some(prev) if prev != n => return Err(()),
+            Some(prev) if prev != n => return Err(Malformed),
             _ => found = Some(n),
         }
     }

@@ -1,5 +1,6 @@
 //! Typed header values, parsed on access from the framed message.
 
+use crate::error::Malformed;
 use nom::{IResult, Parser, bytes::complete::take_while1};
 
 use crate::error::ErrorKind;
@@ -31,30 +32,33 @@ pub struct Via<'a> {
     pub raw: &'a [u8],
 }
 
-fn slash(i: &[u8]) -> Result<&[u8], ()> {
+fn slash(i: &[u8]) -> Result<&[u8], Malformed> {
     let i = sws(i);
-    let i = i.strip_prefix(b"/").ok_or(())?;
+    let i = i.strip_prefix(b"/").ok_or(Malformed)?;
     Ok(sws(i))
 }
 
-fn host_port(i: &[u8]) -> Result<(&[u8], &[u8], Option<u16>), ()> {
+/// (rest, host, port)
+type HostPort<'a> = (&'a [u8], &'a [u8], Option<u16>);
+
+fn host_port(i: &[u8]) -> Result<HostPort<'_>, Malformed> {
     let (rest, host) = if i.first() == Some(&b'[') {
-        let close = memchr::memchr(b']', i).ok_or(())?;
+        let close = memchr::memchr(b']', i).ok_or(Malformed)?;
         (&i[close + 1..], &i[..close + 1])
     } else {
         let (r, h) = take_while1::<_, _, nom::error::Error<&[u8]>>(|b: u8| {
             b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'
         })
         .parse(i)
-        .map_err(|_| ())?;
+        .map_err(|_| Malformed)?;
         (r, h)
     };
     let r = sws(rest);
     if let Some(r) = r.strip_prefix(b":") {
         let r = sws(r);
-        let (r, digits) =
-            nom::character::complete::digit1::<_, nom::error::Error<&[u8]>>(r).map_err(|_| ())?;
-        let port = scan::parse_u64(digits, 65535).ok_or(())? as u16;
+        let (r, digits) = nom::character::complete::digit1::<_, nom::error::Error<&[u8]>>(r)
+            .map_err(|_| Malformed)?;
+        let port = scan::parse_u64(digits, 65535).ok_or(Malformed)? as u16;
         Ok((r, host, Some(port)))
     } else {
         Ok((rest, host, None))
@@ -62,19 +66,19 @@ fn host_port(i: &[u8]) -> Result<(&[u8], &[u8], Option<u16>), ()> {
 }
 
 impl<'a> Via<'a> {
-    pub fn parse(raw: &'a [u8]) -> Result<Via<'a>, ()> {
+    pub fn parse(raw: &'a [u8]) -> Result<Via<'a>, Malformed> {
         let raw = trim(raw);
-        let (i, name) = token(raw).map_err(|_| ())?;
+        let (i, name) = token(raw).map_err(|_| Malformed)?;
         if !name.eq_ignore_ascii_case(b"SIP") {
-            return Err(());
+            return Err(Malformed);
         }
         let i = slash(i)?;
-        let (i, version) = token(i).map_err(|_| ())?;
+        let (i, version) = token(i).map_err(|_| Malformed)?;
         let i = slash(i)?;
-        let (i, transport) = token(i).map_err(|_| ())?;
+        let (i, transport) = token(i).map_err(|_| Malformed)?;
         let i = sws(i);
         if i.len() == raw.len() {
-            return Err(());
+            return Err(Malformed);
         }
         let (params, host, port) = host_port(i)?;
         let params = sws(params);
@@ -95,18 +99,18 @@ impl<'a> Via<'a> {
             let p = p?;
             let val = p.value;
             if p.name.eq_ignore_ascii_case(b"branch") {
-                v.branch = Some(val.ok_or(())?);
+                v.branch = Some(val.ok_or(Malformed)?);
             } else if p.name.eq_ignore_ascii_case(b"received") {
-                v.received = Some(val.ok_or(())?);
+                v.received = Some(val.ok_or(Malformed)?);
             } else if p.name.eq_ignore_ascii_case(b"rport") {
                 v.rport = Some(match val {
-                    Some(d) => Some(scan::parse_u64(d, 65535).ok_or(())? as u16),
+                    Some(d) => Some(scan::parse_u64(d, 65535).ok_or(Malformed)? as u16),
                     None => None,
                 });
             } else if p.name.eq_ignore_ascii_case(b"maddr") {
-                v.maddr = Some(val.ok_or(())?);
+                v.maddr = Some(val.ok_or(Malformed)?);
             } else if p.name.eq_ignore_ascii_case(b"ttl") {
-                v.ttl = Some(scan::parse_u64(val.ok_or(())?, 255).ok_or(())? as u8);
+                v.ttl = Some(scan::parse_u64(val.ok_or(Malformed)?, 255).ok_or(Malformed)? as u8);
             }
         }
         Ok(v)
@@ -142,36 +146,33 @@ fn display_name(i: &[u8]) -> IResult<&[u8], &[u8]> {
     }
     let start = i;
     let mut rest = i;
-    loop {
-        match token(rest) {
-            Ok((r, _)) => rest = sws(r),
-            Err(_) => break,
-        }
+    while let Ok((r, _)) = token(rest) {
+        rest = sws(r);
     }
     Ok((rest, trim(&start[..start.len() - rest.len()])))
 }
 
 impl<'a> NameAddr<'a> {
-    pub fn parse(raw: &'a [u8]) -> Result<NameAddr<'a>, ()> {
+    pub fn parse(raw: &'a [u8]) -> Result<NameAddr<'a>, Malformed> {
         let i = trim(raw);
         if i.is_empty() {
-            return Err(());
+            return Err(Malformed);
         }
         let lt = memchr::memchr(b'<', i);
         let quoted = i.first() == Some(&b'"');
         if quoted || lt.is_some() {
-            let (r, display) = display_name(i).map_err(|_| ())?;
+            let (r, display) = display_name(i).map_err(|_| Malformed)?;
             let r = sws(r);
-            let r = r.strip_prefix(b"<").ok_or(())?;
-            let gt = memchr::memchr(b'>', r).ok_or(())?;
+            let r = r.strip_prefix(b"<").ok_or(Malformed)?;
+            let gt = memchr::memchr(b'>', r).ok_or(Malformed)?;
             let uri = &r[..gt];
             Uri::parse(uri)?;
             let params = sws(&r[gt + 1..]);
             if !params.is_empty() && params[0] != b';' {
-                return Err(());
+                return Err(Malformed);
             }
             if !Params::validate(params) {
-                return Err(());
+                return Err(Malformed);
             }
             Ok(NameAddr {
                 display,
@@ -188,15 +189,15 @@ impl<'a> NameAddr<'a> {
                 .unwrap_or(i.len());
             let uri = &i[..end];
             if uri.contains(&b'?') || uri.contains(&b',') {
-                return Err(());
+                return Err(Malformed);
             }
             Uri::parse(uri)?;
             let params = sws(&i[end..]);
             if !params.is_empty() && params[0] != b';' {
-                return Err(());
+                return Err(Malformed);
             }
             if !Params::validate(params) {
-                return Err(());
+                return Err(Malformed);
             }
             Ok(NameAddr {
                 display: b"",
@@ -274,7 +275,7 @@ pub fn parse_qvalue(s: &[u8]) -> Option<u16> {
 }
 
 impl<'a> Contact<'a> {
-    pub fn parse(raw: &'a [u8]) -> Result<Contact<'a>, ()> {
+    pub fn parse(raw: &'a [u8]) -> Result<Contact<'a>, Malformed> {
         if trim(raw) == b"*" {
             return Ok(Contact::Star);
         }
@@ -292,13 +293,14 @@ impl<'a> Contact<'a> {
                 // delta-seconds; an RFC 1123 date (RFC 2543) is treated as absent
                 c.expires = p.value.and_then(scan::parse_delta_seconds);
             } else if p.name.eq_ignore_ascii_case(b"q") {
-                c.q = Some(parse_qvalue(p.value.ok_or(())?).ok_or(())?);
+                c.q = Some(parse_qvalue(p.value.ok_or(Malformed)?).ok_or(Malformed)?);
             } else if p.name.eq_ignore_ascii_case(b"+sip.instance") {
-                c.instance = Some(scan::unquote(p.value.ok_or(())?));
+                c.instance = Some(scan::unquote(p.value.ok_or(Malformed)?));
             } else if p.name.eq_ignore_ascii_case(b"reg-id") {
-                let v = scan::parse_u64(p.value.ok_or(())?, u64::from(u32::MAX)).ok_or(())?;
+                let v = scan::parse_u64(p.value.ok_or(Malformed)?, u64::from(u32::MAX))
+                    .ok_or(Malformed)?;
                 if v == 0 {
-                    return Err(());
+                    return Err(Malformed);
                 }
                 c.reg_id = Some(v as u32);
             }
@@ -318,17 +320,17 @@ pub struct CSeq<'a> {
 impl<'a> CSeq<'a> {
     /// CSeq = 1*DIGIT LWS Method; the number is below 2^31 per RFC 3261 §8.1.1.5 but any
     /// 32-bit value is accepted (§20.16); more is a 400.
-    pub fn parse(raw: &'a [u8]) -> Result<CSeq<'a>, ()> {
+    pub fn parse(raw: &'a [u8]) -> Result<CSeq<'a>, Malformed> {
         let raw = trim(raw);
         let digits = raw.iter().take_while(|b| b.is_ascii_digit()).count();
-        let seq = scan::parse_u64(&raw[..digits], u64::from(u32::MAX)).ok_or(())? as u32;
+        let seq = scan::parse_u64(&raw[..digits], u64::from(u32::MAX)).ok_or(Malformed)? as u32;
         let rest = &raw[digits..];
         if rest.is_empty() || !is_lws(rest[0]) {
-            return Err(());
+            return Err(Malformed);
         }
-        let (tail, m) = token(sws(rest)).map_err(|_| ())?;
+        let (tail, m) = token(sws(rest)).map_err(|_| Malformed)?;
         if !trim(tail).is_empty() {
-            return Err(());
+            return Err(Malformed);
         }
         Ok(CSeq {
             seq,
@@ -345,12 +347,12 @@ pub struct TokenParams<'a> {
 }
 
 impl<'a> TokenParams<'a> {
-    pub fn parse(raw: &'a [u8]) -> Result<TokenParams<'a>, ()> {
+    pub fn parse(raw: &'a [u8]) -> Result<TokenParams<'a>, Malformed> {
         let raw = trim(raw);
-        let (rest, value) = token(raw).map_err(|_| ())?;
+        let (rest, value) = token(raw).map_err(|_| Malformed)?;
         let params = sws(rest);
         if !params.is_empty() && params[0] != b';' || !Params::validate(params) {
-            return Err(());
+            return Err(Malformed);
         }
         Ok(TokenParams { value, params })
     }
@@ -369,14 +371,14 @@ pub struct MediaType<'a> {
 }
 
 impl<'a> MediaType<'a> {
-    pub fn parse(raw: &'a [u8]) -> Result<MediaType<'a>, ()> {
+    pub fn parse(raw: &'a [u8]) -> Result<MediaType<'a>, Malformed> {
         let raw = trim(raw);
-        let (r, kind) = token(raw).map_err(|_| ())?;
+        let (r, kind) = token(raw).map_err(|_| Malformed)?;
         let r = slash(r)?;
-        let (r, subtype) = token(r).map_err(|_| ())?;
+        let (r, subtype) = token(r).map_err(|_| Malformed)?;
         let params = sws(r);
         if !params.is_empty() && params[0] != b';' || !Params::validate(params) {
-            return Err(());
+            return Err(Malformed);
         }
         Ok(MediaType {
             kind,
@@ -395,11 +397,11 @@ pub struct AuthHeader<'a> {
 }
 
 impl<'a> AuthHeader<'a> {
-    pub fn parse(raw: &'a [u8]) -> Result<AuthHeader<'a>, ()> {
+    pub fn parse(raw: &'a [u8]) -> Result<AuthHeader<'a>, Malformed> {
         let raw = trim(raw);
-        let (r, scheme) = token(raw).map_err(|_| ())?;
+        let (r, scheme) = token(raw).map_err(|_| Malformed)?;
         if !r.is_empty() && !is_lws(r[0]) {
-            return Err(());
+            return Err(Malformed);
         }
         let params = trim(r);
         let a = AuthHeader { scheme, params };
@@ -410,20 +412,20 @@ impl<'a> AuthHeader<'a> {
     }
 
     /// auth-param = token EQUAL ( token / quoted-string ); values as written.
-    pub fn params(&self) -> impl Iterator<Item = Result<(&'a [u8], &'a [u8]), ()>> + 'a {
+    pub fn params(&self) -> impl Iterator<Item = Result<(&'a [u8], &'a [u8]), Malformed>> + 'a {
         CommaSplit::new(self.params)
             .filter(|s| !s.is_empty())
             .map(|p| {
-                let eq = memchr::memchr(b'=', p).ok_or(())?;
+                let eq = memchr::memchr(b'=', p).ok_or(Malformed)?;
                 let name = trim(&p[..eq]);
                 let value = trim(&p[eq + 1..]);
                 if name.is_empty() || !name.iter().all(|&b| is_token(b)) || value.is_empty() {
-                    return Err(());
+                    return Err(Malformed);
                 }
                 if value[0] == b'"' {
-                    let (rest, _) = quoted_string(value).map_err(|_| ())?;
+                    let (rest, _) = quoted_string(value).map_err(|_| Malformed)?;
                     if !rest.is_empty() {
-                        return Err(());
+                        return Err(Malformed);
                     }
                 }
                 Ok((name, value))
@@ -442,7 +444,7 @@ impl<'a> AuthHeader<'a> {
 
 impl<'a> Message<'a> {
     /// Every Via value, top first.
-    pub fn vias(&self) -> impl Iterator<Item = Result<Via<'a>, ()>> + '_ {
+    pub fn vias(&self) -> impl Iterator<Item = Result<Via<'a>, Malformed>> + '_ {
         self.values(HeaderName::Via).map(Via::parse)
     }
 
@@ -477,7 +479,7 @@ impl<'a> Message<'a> {
             .map(|v| v as u8)
     }
 
-    pub fn contacts(&self) -> impl Iterator<Item = Result<Contact<'a>, ()>> + '_ {
+    pub fn contacts(&self) -> impl Iterator<Item = Result<Contact<'a>, Malformed>> + '_ {
         self.values(HeaderName::Contact).map(Contact::parse)
     }
 
@@ -493,11 +495,14 @@ impl<'a> Message<'a> {
     }
 
     /// Route, Record-Route or Path entries.
-    pub fn routes(&self, name: HeaderName) -> impl Iterator<Item = Result<NameAddr<'a>, ()>> + '_ {
+    pub fn routes(
+        &self,
+        name: HeaderName,
+    ) -> impl Iterator<Item = Result<NameAddr<'a>, Malformed>> + '_ {
         self.values(name).map(|v| {
             let na = NameAddr::parse(v)?;
             // rec-route / route-param / path-value are name-addr: brackets required.
-            if na.bracketed { Ok(na) } else { Err(()) }
+            if na.bracketed { Ok(na) } else { Err(Malformed) }
         })
     }
 
@@ -531,12 +536,12 @@ impl<'a> Message<'a> {
             .filter(|v| v.iter().all(|&b| is_token(b)))
     }
 
-    pub fn authorizations(&self) -> impl Iterator<Item = Result<AuthHeader<'a>, ()>> + '_ {
+    pub fn authorizations(&self) -> impl Iterator<Item = Result<AuthHeader<'a>, Malformed>> + '_ {
         self.headers_named(HeaderName::Authorization)
             .map(AuthHeader::parse)
     }
 
-    pub fn www_authenticate(&self) -> impl Iterator<Item = Result<AuthHeader<'a>, ()>> + '_ {
+    pub fn www_authenticate(&self) -> impl Iterator<Item = Result<AuthHeader<'a>, Malformed>> + '_ {
         self.headers_named(HeaderName::WwwAuthenticate)
             .map(AuthHeader::parse)
     }

@@ -14,7 +14,7 @@ pub mod scan;
 pub mod uri;
 pub mod write;
 
-pub use error::ErrorKind;
+pub use error::{ErrorKind, Malformed};
 pub use framing::{StreamFrame, frame_stream};
 pub use headers::{AuthHeader, CSeq, Contact, ContactAddr, MediaType, NameAddr, TokenParams, Via};
 pub use message::{Framing, Header, HeaderName, MAX_HEADERS, Message, Method, StartLine};

@@ -240,7 +240,7 @@ fn request_line(line: &[u8]) -> Result<StartLine<'_>, ErrorKind> {
         return Err(ErrorKind::BadRequestLine);
     }
     match sip_version(version) {
-        Ok((tail, (maj, min))) if tail.is_empty() => {
+        Ok((b"", (maj, min))) => {
             if !is_version_2_0(maj, min) {
                 return Err(ErrorKind::VersionNotSupported);
             }

@@ -1,5 +1,6 @@
 //! Character classes and the small nom parsers shared by the typed header parsers.
 
+use crate::error::Malformed;
 use nom::{IResult, Parser, bytes::complete::take_while1, error::ErrorKind as NomKind};
 
 /// RFC 3261 §25.1 `token` characters.
@@ -138,7 +139,7 @@ pub struct Param<'a> {
 }
 
 /// Iterate generic header parameters `*( SEMI generic-param )` in a string that starts
-/// at the first `;` (or is empty). Yields `Err(())` on a malformed parameter.
+/// at the first `;` (or is empty). Yields `Err(Malformed)` on a malformed parameter.
 pub struct Params<'a> {
     rest: &'a [u8],
     failed: bool,
@@ -166,7 +167,7 @@ impl<'a> Params<'a> {
 }
 
 impl<'a> Iterator for Params<'a> {
-    type Item = Result<Param<'a>, ()>;
+    type Item = Result<Param<'a>, Malformed>;
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {
             return None;
@@ -176,19 +177,19 @@ impl<'a> Iterator for Params<'a> {
             return None;
         }
         let r = (|| {
-            let s = s.strip_prefix(b";").ok_or(())?;
+            let s = s.strip_prefix(b";").ok_or(Malformed)?;
             let s = sws(s);
-            let (s, name) = token(s).map_err(|_| ())?;
+            let (s, name) = token(s).map_err(|_| Malformed)?;
             let s = sws(s);
             if let Some(s) = s.strip_prefix(b"=") {
                 let s = sws(s);
                 let (s, v) = if s.first() == Some(&b'"') {
-                    quoted_string(s).map_err(|_| ())?
+                    quoted_string(s).map_err(|_| Malformed)?
                 } else {
                     // gen-value = token / host / quoted-string; IPv6 references carry ':' and [].
                     take_while1(|b: u8| is_token(b) || matches!(b, b':' | b'[' | b']'))
                         .parse(s)
-                        .map_err(|_: nom::Err<nom::error::Error<&[u8]>>| ())?
+                        .map_err(|_: nom::Err<nom::error::Error<&[u8]>>| Malformed)?
                 };
                 Ok((
                     s,
@@ -206,9 +207,9 @@ impl<'a> Iterator for Params<'a> {
                 self.rest = rest;
                 Some(Ok(p))
             }
-            Err(()) => {
+            Err(Malformed) => {
                 self.failed = true;
-                Some(Err(()))
+                Some(Err(Malformed))
             }
         }
     }

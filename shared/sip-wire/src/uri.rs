@@ -1,5 +1,6 @@
 //! SIP, SIPS and tel URIs (RFC 3261 §19.1, RFC 3966), borrowed from the message.
 
+use crate::error::Malformed;
 use crate::scan::{Param, Params};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +103,8 @@ fn valid_host(h: &[u8]) -> bool {
 
 impl<'a> Uri<'a> {
     /// Parse a URI. Fails on whitespace, angle brackets, bad escapes, bad hosts or ports.
-    pub fn parse(raw: &'a [u8]) -> Result<Uri<'a>, ()> {
-        let colon = memchr::memchr(b':', raw).ok_or(())?;
+    pub fn parse(raw: &'a [u8]) -> Result<Uri<'a>, Malformed> {
+        let colon = memchr::memchr(b':', raw).ok_or(Malformed)?;
         let scheme_raw = &raw[..colon];
         if scheme_raw.is_empty()
             || !scheme_raw[0].is_ascii_alphabetic()
@@ -111,14 +112,14 @@ impl<'a> Uri<'a> {
                 .iter()
                 .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
         {
-            return Err(());
+            return Err(Malformed);
         }
         let opaque = &raw[colon + 1..];
         if opaque
             .iter()
             .any(|&b| b <= b' ' || b == b'<' || b == b'>' || b == b'"' || b >= 0x7f)
         {
-            return Err(());
+            return Err(Malformed);
         }
         let scheme = if scheme_raw.eq_ignore_ascii_case(b"sip") {
             Scheme::Sip
@@ -144,7 +145,7 @@ impl<'a> Uri<'a> {
         match scheme {
             Scheme::Other => {
                 if opaque.is_empty() {
-                    return Err(());
+                    return Err(Malformed);
                 }
             }
             Scheme::Tel => {
@@ -157,12 +158,12 @@ impl<'a> Uri<'a> {
                             || matches!(b, b'+' | b'-' | b'.' | b'(' | b')' | b'*' | b'#')
                     })
                 {
-                    return Err(());
+                    return Err(Malformed);
                 }
                 uri.user = Some(number);
                 uri.params = &opaque[semi..];
                 if !uri.params.iter().all(|&b| is_param_char(b)) || !valid_escapes(uri.params) {
-                    return Err(());
+                    return Err(Malformed);
                 }
             }
             Scheme::Sip | Scheme::Sips => {
@@ -179,12 +180,12 @@ impl<'a> Uri<'a> {
                         || !user.iter().all(|&b| is_user_char(b))
                         || !valid_escapes(user)
                     {
-                        return Err(());
+                        return Err(Malformed);
                     }
                     if let Some(p) = password
                         && (!p.iter().all(|&b| is_password_char(b)) || !valid_escapes(p))
                     {
-                        return Err(());
+                        return Err(Malformed);
                     }
                     uri.user = Some(user);
                     uri.password = password;
@@ -197,22 +198,22 @@ impl<'a> Uri<'a> {
                 if let Some(h) = headers
                     && (h.is_empty() || !h.iter().all(|&b| is_header_char(b)) || !valid_escapes(h))
                 {
-                    return Err(());
+                    return Err(Malformed);
                 }
                 uri.headers = headers;
                 let semi = memchr::memchr(b';', hostpart).unwrap_or(hostpart.len());
                 let hostport = &hostpart[..semi];
                 uri.params = &hostpart[semi..];
                 if !uri.params.iter().all(|&b| is_param_char(b)) || !valid_escapes(uri.params) {
-                    return Err(());
+                    return Err(Malformed);
                 }
                 for p in uri.params.split(|&b| b == b';').skip(1) {
                     if p.is_empty() || p[0] == b'=' {
-                        return Err(());
+                        return Err(Malformed);
                     }
                 }
                 let (host, port) = if hostport.first() == Some(&b'[') {
-                    let close = memchr::memchr(b']', hostport).ok_or(())?;
+                    let close = memchr::memchr(b']', hostport).ok_or(Malformed)?;
                     (&hostport[..close + 1], &hostport[close + 1..])
                 } else {
                     match memchr::memchr(b':', hostport) {
@@ -221,12 +222,12 @@ impl<'a> Uri<'a> {
                     }
                 };
                 if !valid_host(host) {
-                    return Err(());
+                    return Err(Malformed);
                 }
                 uri.host = host;
                 if !port.is_empty() {
-                    let digits = port.strip_prefix(b":").ok_or(())?;
-                    let p = crate::scan::parse_u64(digits, 65535).ok_or(())?;
+                    let digits = port.strip_prefix(b":").ok_or(Malformed)?;
+                    let p = crate::scan::parse_u64(digits, 65535).ok_or(Malformed)?;
                     uri.port = Some(p as u16);
                 }
             }

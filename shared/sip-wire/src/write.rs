@@ -1,5 +1,6 @@
 //! Building messages into a caller-owned buffer, without heap allocation.
 
+use crate::error::Malformed;
 use core::fmt;
 use std::net::IpAddr;
 
@@ -151,7 +152,7 @@ impl<'b> Writer<'b> {
                             .via_with_source(&via, src_ip, src_port)
                             .crlf();
                     }
-                    Err(()) => {
+                    Err(Malformed) => {
                         self.header("Via", top);
                     }
                 }
