@@ -104,7 +104,7 @@ impl Core {
         r: Reply<'_>,
         extra: impl FnOnce(&Self, &mut Writer<'_>),
     ) {
-        let Some(via) = m.top_via() else {
+        let Some(via) = m.top_via().or_else(|| m.top_via_lenient()) else {
             self.stats.dropped.fetch_add(1, Relaxed);
             return;
         };

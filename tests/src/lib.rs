@@ -27,7 +27,9 @@ pub fn sipd_bin() -> PathBuf {
             .expect("target dir")
             .to_path_buf();
         let bin = profile_dir.join("sipd");
-        if !bin.exists() {
+        // Build (or confirm up to date) the sipd of this source tree: a test must never
+        // run a stale binary. Cargo has released its lock by the time tests run.
+        {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
             cmd.args(["build", "-p", "sipmesh-controlplane", "--bin", "sipd"])
@@ -55,10 +57,18 @@ pub fn own_ip() -> Ipv4Addr {
     )
 }
 
-/// A second loopback address for clients that must sit on port 5060 themselves.
+/// Another loopback address of this test process, for clients that must sit on a
+/// well-known port themselves; each call gives a new one (up to four per process).
 pub fn client_ip() -> Ipv4Addr {
-    let o = own_ip().octets();
-    Ipv4Addr::new(127, o[1] + 64, o[2], o[3])
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let k = NEXT.fetch_add(1, Ordering::SeqCst) as u32 % 4;
+    let pid = std::process::id();
+    Ipv4Addr::new(
+        127,
+        (128 + ((pid >> 16) & 0x0f) + 16 * k) as u8,
+        ((pid >> 8) & 0xff) as u8,
+        (pid & 0xff) as u8,
+    )
 }
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(5060);
@@ -111,10 +121,10 @@ impl Sipd {
                 let mut r = BufReader::new(&mut err);
                 let mut line = String::new();
                 while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    stderr.lock().unwrap().push_str(&line);
                     if line.contains(" listening ") {
                         let _ = ready_tx.send(());
                     }
-                    stderr.lock().unwrap().push_str(&line);
                     line.clear();
                 }
             });

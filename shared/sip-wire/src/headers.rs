@@ -67,6 +67,16 @@ fn host_port(i: &[u8]) -> Result<HostPort<'_>, Malformed> {
 
 impl<'a> Via<'a> {
     pub fn parse(raw: &'a [u8]) -> Result<Via<'a>, Malformed> {
+        Self::parse_inner(raw, true)
+    }
+
+    /// Like `parse`, but malformed parameters are skipped instead of failing: enough to
+    /// send a 400 back to the sent-by of a request whose Via is broken (RFC 4475 §3.1.2.1).
+    pub fn parse_lenient(raw: &'a [u8]) -> Result<Via<'a>, Malformed> {
+        Self::parse_inner(raw, false)
+    }
+
+    fn parse_inner(raw: &'a [u8], strict: bool) -> Result<Via<'a>, Malformed> {
         let raw = trim(raw);
         let (i, name) = token(raw).map_err(|_| Malformed)?;
         if !name.eq_ignore_ascii_case(b"SIP") {
@@ -96,7 +106,11 @@ impl<'a> Via<'a> {
             raw,
         };
         for p in Params::new(params) {
-            let p = p?;
+            let p = match p {
+                Ok(p) => p,
+                Err(e) if strict => return Err(e),
+                Err(_) => break,
+            };
             let val = p.value;
             if p.name.eq_ignore_ascii_case(b"branch") {
                 v.branch = Some(val.ok_or(Malformed)?);
@@ -452,6 +466,13 @@ impl<'a> Message<'a> {
         self.values(HeaderName::Via)
             .next()
             .and_then(|v| Via::parse(v).ok())
+    }
+
+    /// The top Via parsed leniently (see `Via::parse_lenient`), for stateless rejects.
+    pub fn top_via_lenient(&self) -> Option<Via<'a>> {
+        self.values(HeaderName::Via)
+            .next()
+            .and_then(|v| Via::parse_lenient(v).ok())
     }
 
     pub fn from(&self) -> Option<NameAddr<'a>> {
