@@ -118,8 +118,39 @@ struct ReqContact<'a> {
     expires: u32,
 }
 
-const F_ALIVE: u8 = 1;
-const F_TOUCHED: u8 = 2;
+/// What a REGISTER does to one existing binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Keep,
+    Remove(RemoveReason),
+    /// Replaced by the binding of request contact `j`.
+    ReplacedBy(usize),
+}
+
+/// What one request contact does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Refreshes (or replaces) existing binding `k`.
+    Old(usize),
+    /// Adds a binding.
+    New,
+    /// Nothing: expires=0 for an unknown binding, or a later contact names the same one.
+    Nothing,
+}
+
+/// The request-wide inputs of a REGISTER.
+struct ReqInfo<'r> {
+    call_id: &'r [u8],
+    cseq: u32,
+    path: &'r [u8],
+    user_agent: &'r [u8],
+    src: &'r Source,
+    transport: u8,
+    now_s: u32,
+    now_ms: Millis,
+    node: NodeId,
+    worker: u16,
+}
 
 pub struct Registrar {
     cfg: RegistrarConfig,
@@ -132,7 +163,8 @@ pub struct Registrar {
     // Reused scratch space: no allocation per REGISTER once warmed up.
     aor: Vec<u8>,
     path: Vec<u8>,
-    flags: Vec<u8>,
+    fates: Vec<Fate>,
+    targets: Vec<Target>,
     batch: ChangeBatch,
     due: Vec<Arc<[u8]>>,
     last_version: u64,
@@ -161,7 +193,8 @@ impl Registrar {
             stats,
             aor: Vec::with_capacity(MAX_AOR_LEN),
             path: Vec::with_capacity(4096),
-            flags: Vec::with_capacity(256),
+            fates: Vec::with_capacity(1024),
+            targets: Vec::with_capacity(MAX_REQUEST_CONTACTS),
             batch: ChangeBatch::with_capacity(64 * 1024),
             due: Vec::with_capacity(1024),
             last_version: 0,
@@ -342,7 +375,8 @@ impl Registrar {
             changes,
             node,
             worker,
-            flags,
+            fates,
+            targets,
             batch,
             aor,
             path,
@@ -352,145 +386,33 @@ impl Registrar {
         let (node, worker) = (*node, *worker);
         let free = changes.free_bytes();
         let contacts = &*contacts;
+        let req = ReqInfo {
+            call_id,
+            cseq: cseq.seq,
+            path,
+            user_agent,
+            src,
+            transport,
+            now_s,
+            now_ms,
+            node,
+            worker,
+        };
         let outcome = table.update(aor, |old| {
-            batch.clear();
-            flags.clear();
             let old = old.map(AorRecord::bindings).unwrap_or(&[]);
-            let mut next: Vec<Binding> = Vec::with_capacity(old.len() + contacts.len());
-            let mut version = *last_version;
-            let mut bump = |prev: u64| {
-                version = next_version(prev.max(version), now_ms, worker);
-                version
-            };
-            for b in old {
-                if b.expires_at <= now_s {
-                    // Lapsed but not yet collected by the timer: it goes now.
-                    let v = bump(b.version);
-                    batch.push(&remove_record(
-                        node,
-                        v,
-                        now_ms,
-                        aor,
-                        b,
-                        RemoveReason::Expired,
-                    ));
-                    continue;
-                }
-                next.push(b.clone());
-                flags.push(F_ALIVE);
-            }
-            if star {
-                for (b, f) in next.iter().zip(flags.iter_mut()) {
-                    let v = bump(b.version);
-                    batch.push(&remove_record(
-                        node,
-                        v,
-                        now_ms,
-                        aor,
-                        b,
-                        RemoveReason::Unregistered,
-                    ));
-                    *f = 0;
-                }
-            }
-            for c in contacts {
-                let instance = c.contact.instance.unwrap_or_default();
-                let reg_id = c.contact.reg_id.unwrap_or(0);
-                let found = next.iter().zip(flags.iter()).position(|(b, &f)| {
-                    f & F_ALIVE != 0 && same_binding(b, instance, reg_id, &c.uri)
-                });
-                if let Some(i) = found {
-                    let b = &next[i];
-                    // RFC 3261 §10.3 step 7: same Call-ID needs a higher CSeq, else the
-                    // update is aborted and the request fails.
-                    if flags[i] & F_TOUCHED == 0 && b.call_id() == call_id && cseq.seq <= b.cseq {
-                        return Update::Keep(Err(Reject::new(500, "Out of Order CSeq")));
-                    }
-                    let v = bump(b.version);
-                    if c.expires == 0 {
-                        batch.push(&remove_record(
-                            node,
-                            v,
-                            now_ms,
-                            aor,
-                            b,
-                            RemoveReason::Unregistered,
-                        ));
-                        flags[i] = 0;
-                        continue;
-                    }
-                    if b.contact() != c.contact.addr.uri {
-                        // Same instance, new contact: the old one is replaced.
-                        batch.push(&remove_record(
-                            node,
-                            v,
-                            now_ms,
-                            aor,
-                            b,
-                            RemoveReason::Replaced,
-                        ));
-                    }
-                    let nb = match new_binding(
-                        c, call_id, cseq.seq, path, user_agent, src, transport, now_s, v, node,
-                    ) {
-                        Ok(b) => b,
-                        Err(r) => return Update::Keep(Err(r)),
-                    };
-                    batch.push(&upsert_record(node, v, now_ms, aor, &nb));
-                    next[i] = nb;
-                    flags[i] = F_ALIVE | F_TOUCHED;
-                } else if c.expires > 0 {
-                    let v = bump(0);
-                    let nb = match new_binding(
-                        c, call_id, cseq.seq, path, user_agent, src, transport, now_s, v, node,
-                    ) {
-                        Ok(b) => b,
-                        Err(r) => return Update::Keep(Err(r)),
-                    };
-                    batch.push(&upsert_record(node, v, now_ms, aor, &nb));
-                    next.push(nb);
-                    flags.push(F_ALIVE | F_TOUCHED);
-                }
-            }
-            let mut alive = flags.iter().filter(|&&f| f & F_ALIVE != 0).count();
-            if alive > cfg.max_contacts {
-                if cfg.max_contacts_policy == MaxContactsPolicy::Reject {
-                    return Update::Keep(Err(Reject::new(403, "Too Many Registered Contacts")));
-                }
-                while alive > cfg.max_contacts {
-                    let oldest = (0..next.len())
-                        .filter(|&i| flags[i] == F_ALIVE)
-                        .min_by_key(|&i| (next[i].last_modified, next[i].expires_at));
-                    let Some(i) = oldest else {
-                        return Update::Keep(Err(Reject::new(403, "Too Many Registered Contacts")));
-                    };
-                    let v = bump(next[i].version);
-                    batch.push(&remove_record(
-                        node,
-                        v,
-                        now_ms,
-                        aor,
-                        &next[i],
-                        RemoveReason::Replaced,
-                    ));
-                    flags[i] = 0;
-                    alive -= 1;
-                }
-            }
-            if batch.frame_bytes() > free {
-                return Update::Keep(Err(Reject {
-                    retry_after: Some(1),
-                    ..Reject::new(503, "Change Stream Busy")
-                }));
-            }
-            let kept: Vec<Binding> = next
-                .into_iter()
-                .zip(flags.iter())
-                .filter(|(_, f)| **f & F_ALIVE != 0)
-                .map(|(b, _)| b)
-                .collect();
-            let min_exp = kept.iter().map(|b| b.expires_at).min();
-            Update::Replace(AorRecord::new(kept), Ok((version, min_exp)))
+            plan_register(
+                cfg,
+                old,
+                contacts,
+                star,
+                &req,
+                *last_version,
+                aor,
+                fates,
+                targets,
+                batch,
+                free,
+            )
         });
         match outcome.value {
             Err(rej) => {
@@ -641,6 +563,190 @@ impl Registrar {
     }
 }
 
+type RegisterResult = Result<(u64, Option<u32>), Reject>;
+
+/// Decide what one REGISTER does to the bindings of an AoR (RFC 3261 §10.3 steps 6–8),
+/// encode the change records into `batch`, and build the new record. Runs inside the table
+/// update, possibly more than once: it only computes. Allocates only the new record: the
+/// bindings it creates and clones of the ones it keeps.
+#[allow(clippy::too_many_arguments)]
+fn plan_register(
+    cfg: &RegistrarConfig,
+    old: &[Binding],
+    contacts: &[ReqContact<'_>],
+    star: bool,
+    req: &ReqInfo<'_>,
+    last_version: u64,
+    aor: &[u8],
+    fates: &mut Vec<Fate>,
+    targets: &mut Vec<Target>,
+    batch: &mut ChangeBatch,
+    free: usize,
+) -> Update<RegisterResult> {
+    batch.clear();
+    fates.clear();
+    targets.clear();
+    for b in old {
+        // A lapsed binding not yet collected by the timer goes now.
+        fates.push(if b.expires_at <= req.now_s {
+            Fate::Remove(RemoveReason::Expired)
+        } else {
+            Fate::Keep
+        });
+    }
+    if star {
+        // RFC 3261 §10.3 step 6: '*' with Expires: 0 removes every binding.
+        for f in fates.iter_mut().filter(|f| **f == Fate::Keep) {
+            *f = Fate::Remove(RemoveReason::Unregistered);
+        }
+    }
+    for (j, c) in contacts.iter().enumerate() {
+        let instance = c.contact.instance.unwrap_or_default();
+        let reg_id = c.contact.reg_id.unwrap_or(0);
+        let found = (0..old.len()).find(|&k| {
+            matches!(fates[k], Fate::Keep | Fate::ReplacedBy(_))
+                && same_binding(&old[k], instance, reg_id, &c.uri)
+        });
+        match found {
+            Some(k) => {
+                match fates[k] {
+                    Fate::ReplacedBy(j0) => targets[j0] = Target::Nothing,
+                    // RFC 3261 §10.3 step 7: with the same Call-ID only a higher CSeq may
+                    // update a binding; otherwise the request fails.
+                    _ if old[k].call_id() == req.call_id && req.cseq <= old[k].cseq => {
+                        return Update::Keep(Err(Reject::new(500, "Out of Order CSeq")));
+                    }
+                    _ => {}
+                }
+                if c.expires == 0 {
+                    fates[k] = Fate::Remove(RemoveReason::Unregistered);
+                    targets.push(Target::Nothing);
+                } else {
+                    fates[k] = Fate::ReplacedBy(j);
+                    targets.push(Target::Old(k));
+                }
+            }
+            None => {
+                // A contact named twice in one request: the last one counts.
+                for j0 in 0..j {
+                    if targets[j0] == Target::New && same_binding_contacts(&contacts[j0], c) {
+                        targets[j0] = Target::Nothing;
+                    }
+                }
+                targets.push(if c.expires > 0 {
+                    Target::New
+                } else {
+                    Target::Nothing
+                });
+            }
+        }
+    }
+    let alive = |fates: &[Fate], targets: &[Target]| {
+        fates
+            .iter()
+            .filter(|f| matches!(f, Fate::Keep | Fate::ReplacedBy(_)))
+            .count()
+            + targets.iter().filter(|t| **t == Target::New).count()
+    };
+    let mut n = alive(fates, targets);
+    if n > cfg.max_contacts {
+        if cfg.max_contacts_policy == MaxContactsPolicy::Reject {
+            return Update::Keep(Err(Reject::new(403, "Too Many Registered Contacts")));
+        }
+        while n > cfg.max_contacts {
+            let oldest = (0..old.len())
+                .filter(|&k| fates[k] == Fate::Keep)
+                .min_by_key(|&k| (old[k].last_modified, old[k].expires_at));
+            let Some(k) = oldest else {
+                return Update::Keep(Err(Reject::new(403, "Too Many Registered Contacts")));
+            };
+            fates[k] = Fate::Remove(RemoveReason::Replaced);
+            n -= 1;
+        }
+    }
+
+    // Records, in a fixed order: removals of existing bindings, then refreshes, then new
+    // bindings; each with its own version.
+    let mut version = last_version;
+    let mut bump = |prev: u64| {
+        version = next_version(prev.max(version), req.now_ms, req.worker);
+        version
+    };
+    let mut kept: Vec<Binding> = Vec::with_capacity(if n > 1 { n } else { 0 });
+    let mut single: Option<Binding> = None;
+    let mut store = |b: Binding, kept: &mut Vec<Binding>| {
+        if n > 1 {
+            kept.push(b)
+        } else {
+            single = Some(b)
+        }
+    };
+    for (k, b) in old.iter().enumerate() {
+        match fates[k] {
+            Fate::Keep => store(b.clone(), &mut kept),
+            Fate::Remove(reason) => {
+                let v = bump(b.version);
+                batch.push(&remove_record(req.node, v, req.now_ms, aor, b, reason));
+            }
+            Fate::ReplacedBy(j) => {
+                let c = &contacts[j];
+                let v = bump(b.version);
+                if b.contact() != c.contact.addr.uri {
+                    // Same instance and reg-id, another Contact: the old one is replaced.
+                    batch.push(&remove_record(
+                        req.node,
+                        v,
+                        req.now_ms,
+                        aor,
+                        b,
+                        RemoveReason::Replaced,
+                    ));
+                }
+                let nb = match new_binding(c, req, v) {
+                    Ok(nb) => nb,
+                    Err(r) => return Update::Keep(Err(r)),
+                };
+                batch.push(&upsert_record(req.node, v, req.now_ms, aor, &nb));
+                store(nb, &mut kept);
+            }
+        }
+    }
+    for (c, t) in contacts.iter().zip(targets.iter()) {
+        if *t == Target::New {
+            let v = bump(0);
+            let nb = match new_binding(c, req, v) {
+                Ok(nb) => nb,
+                Err(r) => return Update::Keep(Err(r)),
+            };
+            batch.push(&upsert_record(req.node, v, req.now_ms, aor, &nb));
+            store(nb, &mut kept);
+        }
+    }
+    if batch.frame_bytes() > free {
+        return Update::Keep(Err(Reject {
+            retry_after: Some(1),
+            ..Reject::new(503, "Change Stream Busy")
+        }));
+    }
+    let rec = match single {
+        Some(b) => AorRecord::single(b),
+        None => AorRecord::new(kept),
+    };
+    let min_exp = rec.min_expires_at();
+    Update::Replace(rec, Ok((version, min_exp)))
+}
+
+fn same_binding_contacts(a: &ReqContact<'_>, b: &ReqContact<'_>) -> bool {
+    let (ia, ib) = (
+        a.contact.instance.unwrap_or_default(),
+        b.contact.instance.unwrap_or_default(),
+    );
+    if !ia.is_empty() && !ib.is_empty() {
+        return ia == ib && a.contact.reg_id == b.contact.reg_id;
+    }
+    a.uri.equivalent(&b.uri)
+}
+
 /// RFC 5626 §6 / RFC 5627: with an instance on both sides, (instance, reg-id) names the
 /// binding; otherwise Contact URIs are compared by RFC 3261 §19.1.4.
 fn same_binding(b: &Binding, instance: &[u8], reg_id: u32, uri: &Uri<'_>) -> bool {
@@ -650,35 +756,23 @@ fn same_binding(b: &Binding, instance: &[u8], reg_id: u32, uri: &Uri<'_>) -> boo
     Uri::parse(b.contact()).is_ok_and(|u| u.equivalent(uri))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn new_binding(
-    c: &ReqContact<'_>,
-    call_id: &[u8],
-    cseq: u32,
-    path: &[u8],
-    user_agent: &[u8],
-    src: &Source,
-    transport: u8,
-    now_s: u32,
-    version: u64,
-    origin: NodeId,
-) -> Result<Binding, Reject> {
+fn new_binding(c: &ReqContact<'_>, req: &ReqInfo<'_>, version: u64) -> Result<Binding, Reject> {
     Binding::try_new(BindingParts {
         contact: c.contact.addr.uri,
-        call_id,
-        path,
+        call_id: req.call_id,
+        path: req.path,
         instance: c.contact.instance.unwrap_or_default(),
-        user_agent,
-        expires_at: now_s.saturating_add(c.expires),
-        cseq,
+        user_agent: req.user_agent,
+        expires_at: req.now_s.saturating_add(c.expires),
+        cseq: req.cseq,
         q: c.contact.q.unwrap_or(Q_NONE),
         reg_id: c.contact.reg_id.unwrap_or(0),
-        source: src.remote,
-        transport,
+        source: req.src.remote,
+        transport: req.transport,
         flags: 0,
         version,
-        origin,
-        last_modified: now_s,
+        origin: req.node,
+        last_modified: req.now_s,
     })
     .map_err(|_| Reject::new(400, "Header Value Too Long"))
 }

@@ -556,3 +556,27 @@ fn escnull_registers_two_distinct_contacts() {
     };
     assert_eq!(&**aor, b"null-\0-null@example.com");
 }
+
+#[test]
+fn a_contact_named_twice_in_one_request_counts_once_last_wins() {
+    let mut h = Harness::new(cfg());
+    let r = h.send(&register(
+        "quin",
+        "c1",
+        1,
+        &["Contact: <sip:q@192.0.2.1>;expires=600, <sip:q@192.0.2.1>;expires=120"],
+    ));
+    assert_eq!(
+        header_values(&r, "Contact"),
+        vec!["<sip:q@192.0.2.1>;expires=120"]
+    );
+    assert_eq!(h.drain().len(), 1);
+    let r = h.send(&register(
+        "quin",
+        "c1",
+        2,
+        &["Contact: <sip:q@192.0.2.1>;expires=600, <sip:q@192.0.2.1>;expires=0"],
+    ));
+    assert!(header_values(&r, "Contact").is_empty(), "{r}");
+    assert_eq!(h.table.aors(), 0);
+}

@@ -1,0 +1,79 @@
+//! No heap allocation per message on receive → parse → logic → reply, except the table
+//! insert of a REGISTER that changes bindings. Counted with an instrumented global
+//! allocator; one `#[test]` so no other test thread allocates meanwhile.
+
+mod common;
+
+use std::alloc::System;
+
+use common::*;
+use sipmesh_dataplane::io::Handler;
+use sipmesh_dataplane::registrar::RegistrarConfig;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+fn allocations_for(h: &mut Harness, msgs: &[Vec<u8>]) -> usize {
+    let src = udp_source("192.0.2.10:5062");
+    let region = Region::new(GLOBAL);
+    for m in msgs {
+        h.out.sent.clear();
+        h.core.on_message(m, &src, h.now, &mut h.out);
+    }
+    region.change().allocations
+}
+
+#[test]
+fn hot_path_allocations() {
+    let mut h = Harness::new(RegistrarConfig::default());
+    let opt = b"OPTIONS sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5062;rport;branch=z9hG4bKo1\r\nMax-Forwards: 70\r\nFrom: <sip:a@example.com>;tag=1\r\nTo: <sip:example.com>\r\nCall-ID: o1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n".to_vec();
+    let bad = String::from_utf8(opt.clone())
+        .unwrap()
+        .replace("CSeq: 1", "CSeq: x")
+        .into_bytes();
+    let invite = String::from_utf8(opt.clone())
+        .unwrap()
+        .replace("OPTIONS", "INVITE")
+        .into_bytes();
+    let fetch = register("alice", "c1", 1, &[]).into_bytes();
+
+    // Warm up: first-use growth of scratch buffers and the table entry.
+    let first = register("alice", "c1", 1, &["Contact: <sip:alice@192.0.2.10:5062>"]).into_bytes();
+    allocations_for(
+        &mut h,
+        &[
+            first,
+            opt.clone(),
+            bad.clone(),
+            invite.clone(),
+            fetch.clone(),
+        ],
+    );
+    h.drain();
+
+    let n = 1000;
+    assert_eq!(allocations_for(&mut h, &vec![opt; n]), 0, "OPTIONS → 200");
+    assert_eq!(allocations_for(&mut h, &vec![bad; n]), 0, "malformed → 400");
+    assert_eq!(allocations_for(&mut h, &vec![invite; n]), 0, "INVITE → 405");
+    assert_eq!(
+        allocations_for(&mut h, &vec![fetch; n]),
+        0,
+        "REGISTER fetch → 200 with bindings"
+    );
+
+    // A refresh replaces the binding: the table insert allocates (the new binding's
+    // string buffer and the table entry), nothing else does.
+    let refreshes: Vec<Vec<u8>> = (2..2 + n as u32)
+        .map(|i| register("alice", "c1", i, &["Contact: <sip:alice@192.0.2.10:5062>"]).into_bytes())
+        .collect();
+    let a = allocations_for(&mut h, &refreshes);
+    let per = a as f64 / n as f64;
+    assert!(
+        h.out.last_text().starts_with("SIP/2.0 200 OK"),
+        "{}",
+        h.out.last_text()
+    );
+    assert!(per <= 2.2, "refresh: {per} allocations per REGISTER");
+    eprintln!("allocations per REGISTER refresh: {per:.2}");
+}
