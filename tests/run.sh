@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need (SIPp, the
+# Debian package sip-tester, as the outside SIP client), then runs every test of the
+# workspace. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v sipp >/dev/null 2>&1; then
+    echo "tests/run.sh: installing sip-tester (SIPp)" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq sip-tester >/dev/null
+fi
+
+cargo test --workspace --no-fail-fast "$@"
