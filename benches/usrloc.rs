@@ -2,15 +2,15 @@
 //! existing AoR) and lookup hit, on 1 thread and on 2 threads.
 //!
 //! Keys and bindings are built before the timer starts; the timed loops only call
-//! `Usrloc::update` / `Usrloc::read`. The 2-thread variants use `iter_custom`: two scoped
-//! threads, released together by a barrier, each do `iters` operations; the sample time
-//! is the slower thread's, and the throughput is declared as 2 elements per iteration, so
+//! `Usrloc::update` / `Usrloc::read`. The 2-thread variants use `iter_custom`: two
+//! long-lived threads, released together by a barrier, each do `iters` operations; the
+//! sample time is the slower thread's, and the throughput is declared as 2 elements per iteration, so
 //! criterion's elements/s is the *total* operations/s of both threads (its time is per
 //! pair of operations).
 
 use std::hint::black_box;
 use std::net::SocketAddr;
-use std::sync::{Barrier, LazyLock};
+use std::sync::{Arc, Barrier, LazyLock, mpsc};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -89,7 +89,7 @@ fn lookup(table: &Usrloc, key: &[u8]) -> u32 {
 }
 
 /// A table holding `POPULATION` AoRs, with their keys.
-fn populated() -> (Usrloc, Vec<Vec<u8>>) {
+fn populated() -> (Arc<Usrloc>, Arc<[Vec<u8>]>) {
     LazyLock::force(&SPARE);
     let table = Usrloc::new(POPULATION);
     let keys: Vec<Vec<u8>> = (0..POPULATION).map(aor).collect();
@@ -97,37 +97,81 @@ fn populated() -> (Usrloc, Vec<Vec<u8>>) {
         insert(&table, k, binding(i, 1));
     }
     assert_eq!(table.aors(), POPULATION);
-    (table, keys)
+    (Arc::new(table), keys.into())
 }
 
-/// Runs `work(input, barrier)` on two scoped threads, one input each; each returns its
-/// own duration, timed after the barrier; the slower one is the sample.
-fn two_threads<T, W>(inputs: [T; 2], work: W) -> Duration
-where
-    T: Send,
-    W: Fn(T, &Barrier) -> Duration + Sync,
-{
-    let barrier = Barrier::new(2);
-    std::thread::scope(|s| {
-        let h: Vec<_> = inputs
-            .into_iter()
-            .map(|input| {
-                let (work, barrier) = (&work, &barrier);
-                s.spawn(move || work(input, barrier))
-            })
-            .collect();
-        h.into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .max()
-            .unwrap_or_default()
-    })
+/// One sample's work for one thread: prepare (untimed), wait at the barrier, return the
+/// duration of the timed part.
+type Job = Box<dyn FnOnce(&Barrier) -> Duration + Send>;
+
+/// Two long-lived threads (like a node's workers: same threads, hence the same allocator
+/// heaps, from one sample to the next; fresh threads per sample would turn every free
+/// into a cross-thread free of an exited thread's memory).
+struct Pair {
+    jobs: Vec<mpsc::Sender<(Job, Arc<Barrier>)>>,
+    done: mpsc::Receiver<Duration>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let (done_tx, done) = mpsc::channel();
+        let mut jobs = Vec::new();
+        let mut threads = Vec::new();
+        for t in 0..2 {
+            let (tx, rx) = mpsc::channel::<(Job, Arc<Barrier>)>();
+            let done_tx = done_tx.clone();
+            jobs.push(tx);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("bench-{t}"))
+                    .spawn(move || {
+                        for (job, barrier) in rx {
+                            let d = job(&barrier);
+                            if done_tx.send(d).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                    .expect("spawn bench thread"),
+            );
+        }
+        Pair {
+            jobs,
+            done,
+            threads,
+        }
+    }
+
+    /// Runs one job per thread, released together; the slower thread's time is the
+    /// sample.
+    fn run(&self, jobs: [Job; 2]) -> Duration {
+        let barrier = Arc::new(Barrier::new(2));
+        for (tx, job) in self.jobs.iter().zip(jobs) {
+            tx.send((job, barrier.clone())).expect("bench thread alive");
+        }
+        let a = self.done.recv().expect("bench thread result");
+        let b = self.done.recv().expect("bench thread result");
+        a.max(b)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.jobs.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 fn bench_insert(c: &mut Criterion) {
     LazyLock::force(&SPARE);
+    let pair = Pair::new();
     let mut g = c.benchmark_group("usrloc_insert");
     // A fresh table per sample, pre-sized like a configured registrar; the keys and
-    // bindings of the sample are built before the timer starts.
+    // bindings of the sample are built before the timer starts (by the thread that then
+    // inserts them).
     g.throughput(Throughput::Elements(1));
     g.bench_function("1_thread", |b| {
         b.iter_custom(|iters| {
@@ -148,82 +192,98 @@ fn bench_insert(c: &mut Criterion) {
     g.bench_function("2_threads_disjoint", |b| {
         b.iter_custom(|iters| {
             let n = iters as usize;
-            let table = Usrloc::new(2 * n);
-            let keys: Vec<Vec<u8>> = (0..2 * n).map(aor).collect();
-            let inputs: [(&[Vec<u8>], Vec<Binding>); 2] = [0, 1].map(|t| {
-                let bindings = (t * n..(t + 1) * n).map(|i| binding(i, 1)).collect();
-                (&keys[t * n..(t + 1) * n], bindings)
+            let table = Arc::new(Usrloc::new(2 * n));
+            let jobs = [0, 1].map(|t| -> Job {
+                let table = table.clone();
+                Box::new(move |barrier: &Barrier| {
+                    let keys: Vec<Vec<u8>> = (t * n..(t + 1) * n).map(aor).collect();
+                    let mut mine: Vec<Binding> =
+                        (t * n..(t + 1) * n).map(|i| binding(i, 1)).collect();
+                    barrier.wait();
+                    let start = Instant::now();
+                    for (k, b) in keys.iter().zip(mine.drain(..)) {
+                        insert(&table, k, b);
+                    }
+                    start.elapsed()
+                })
             });
-            let t = two_threads(inputs, |(keys, mut mine), barrier| {
-                barrier.wait();
-                let start = Instant::now();
-                for (k, b) in keys.iter().zip(mine.drain(..)) {
-                    insert(&table, k, b);
-                }
-                start.elapsed()
-            });
-            drop(table);
+            let t = pair.run(jobs);
+            assert_eq!(table.aors(), 2 * n);
             t
         })
     });
     g.finish();
 }
 
+/// Refreshes of `iters` AoRs: prebuilds (untimed) then replaces the binding of
+/// `key_of(k)` for k in 0..iters.
+fn refresh_run(
+    table: &Usrloc,
+    keys: &[Vec<u8>],
+    iters: u64,
+    key_of: impl Fn(usize) -> usize,
+) -> Duration {
+    let mut todo: Vec<(usize, Option<Binding>)> = (0..iters as usize)
+        .map(|k| {
+            let i = key_of(k);
+            (i, Some(binding(i, 2)))
+        })
+        .collect();
+    let start = Instant::now();
+    for (i, b) in &mut todo {
+        refresh(table, &keys[*i], b);
+    }
+    start.elapsed()
+}
+
 fn bench_refresh(c: &mut Criterion) {
     let (table, keys) = populated();
+    let pair = Pair::new();
     let mut g = c.benchmark_group("usrloc_refresh");
     g.throughput(Throughput::Elements(1));
     let mut next = 0usize;
     g.bench_function("1_thread", |b| {
         b.iter_custom(|iters| {
-            let n = iters as usize;
             // Round-robin over the population: each op hits another AoR.
-            let mut todo: Vec<(usize, Option<Binding>)> = (0..n)
-                .map(|k| {
-                    let i = (next + k) % POPULATION;
-                    (i, Some(binding(i, 2)))
-                })
-                .collect();
-            next = (next + n) % POPULATION;
-            let start = Instant::now();
-            for (i, b) in &mut todo {
-                refresh(&table, &keys[*i], b);
-            }
-            start.elapsed()
+            let base = next;
+            next = (next + iters as usize) % POPULATION;
+            refresh_run(&table, &keys, iters, |k| (base + k) % POPULATION)
         })
     });
     g.throughput(Throughput::Elements(2));
     for (name, shared) in [("2_threads_disjoint", false), ("2_threads_shared", true)] {
+        let mut next = 0usize;
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                let n = iters as usize;
                 // Disjoint: thread 0 refreshes the even AoRs, thread 1 the odd ones.
                 // Shared: both walk every AoR, half the population apart.
-                let key_of = |t: usize, k: usize| {
-                    if shared {
-                        (k + t * POPULATION / 2) % POPULATION
-                    } else {
-                        (2 * k + t) % POPULATION
-                    }
-                };
-                let inputs: [Vec<(usize, Option<Binding>)>; 2] = [0, 1].map(|t| {
-                    (0..n)
-                        .map(|k| {
-                            let i = key_of(t, k);
-                            (i, Some(binding(i, 2)))
-                        })
-                        .collect()
+                let base = next;
+                next = (next + iters as usize) % POPULATION;
+                let jobs = [0usize, 1].map(|t| -> Job {
+                    let (table, keys) = (table.clone(), keys.clone());
+                    Box::new(move |barrier: &Barrier| {
+                        let key_of = move |k: usize| {
+                            if shared {
+                                (base + k + t * POPULATION / 2) % POPULATION
+                            } else {
+                                (2 * (base + k) + t) % POPULATION
+                            }
+                        };
+                        let mut todo: Vec<(usize, Option<Binding>)> = (0..iters as usize)
+                            .map(|k| {
+                                let i = key_of(k);
+                                (i, Some(binding(i, 2)))
+                            })
+                            .collect();
+                        barrier.wait();
+                        let start = Instant::now();
+                        for (i, b) in &mut todo {
+                            refresh(&table, &keys[*i], b);
+                        }
+                        start.elapsed()
+                    })
                 });
-                two_threads(inputs, |mut mine, barrier| {
-                    barrier.wait();
-                    let start = Instant::now();
-                    for (i, b) in &mut mine {
-                        refresh(&table, &keys[*i], b);
-                    }
-                    let d = start.elapsed();
-                    drop(mine);
-                    d
-                })
+                pair.run(jobs)
             })
         });
     }
@@ -232,6 +292,7 @@ fn bench_refresh(c: &mut Criterion) {
 
 fn bench_lookup(c: &mut Criterion) {
     let (table, keys) = populated();
+    let pair = Pair::new();
     let mut g = c.benchmark_group("usrloc_lookup_hit");
     g.throughput(Throughput::Elements(1));
     let mut i = 0usize;
@@ -247,21 +308,25 @@ fn bench_lookup(c: &mut Criterion) {
     g.throughput(Throughput::Elements(2));
     g.bench_function("2_threads_shared", |b| {
         b.iter_custom(|iters| {
-            two_threads([0, POPULATION / 2], |mut i, barrier| {
-                let mut acc = 0u64;
-                barrier.wait();
-                let start = Instant::now();
-                for _ in 0..iters {
-                    i += 1;
-                    if i == POPULATION {
-                        i = 0;
+            let jobs = [0, POPULATION / 2].map(|mut i| -> Job {
+                let (table, keys) = (table.clone(), keys.clone());
+                Box::new(move |barrier: &Barrier| {
+                    let mut acc = 0u64;
+                    barrier.wait();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        i += 1;
+                        if i == POPULATION {
+                            i = 0;
+                        }
+                        acc += u64::from(lookup(&table, black_box(&keys[i])));
                     }
-                    acc += u64::from(lookup(&table, black_box(&keys[i])));
-                }
-                let d = start.elapsed();
-                black_box(acc);
-                d
-            })
+                    let d = start.elapsed();
+                    black_box(acc);
+                    d
+                })
+            });
+            pair.run(jobs)
         })
     });
     g.finish();

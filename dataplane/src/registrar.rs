@@ -512,7 +512,9 @@ impl Registrar {
                 return Update::Keep(None);
             };
             if old.bindings().iter().all(|b| b.expires_at > now_s) {
-                return Update::Keep(Some((*last_version, old.min_expires_at())));
+                // Refreshed since this entry was set: the write that moved the expiry set
+                // its own entry, so this stale one is simply dropped.
+                return Update::Keep(None);
             }
             let mut version = *last_version;
             let mut kept = Vec::with_capacity(old.len());

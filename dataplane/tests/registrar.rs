@@ -580,3 +580,26 @@ fn a_contact_named_twice_in_one_request_counts_once_last_wins() {
     assert!(header_values(&r, "Contact").is_empty(), "{r}");
     assert_eq!(h.table.aors(), 0);
 }
+
+#[test]
+fn refreshing_does_not_pile_up_timers() {
+    let mut h = Harness::new(cfg());
+    for i in 1..=200u32 {
+        let r = h.send(&register(
+            "rho",
+            "c1",
+            i,
+            &["Contact: <sip:r@192.0.2.1>;expires=60"],
+        ));
+        assert_eq!(status(&r), 200);
+        h.advance(30_000);
+        assert!(
+            h.core.registrar().timers() <= 3,
+            "{} timers after {i} refreshes",
+            h.core.registrar().timers()
+        );
+    }
+    h.advance(61_000);
+    assert_eq!(h.table.aors(), 0);
+    assert_eq!(h.core.registrar().timers(), 0);
+}
