@@ -6,7 +6,7 @@ use nom::{IResult, Parser, bytes::complete::take_while1};
 use crate::error::ErrorKind;
 use crate::message::{HeaderName, Message, Method};
 use crate::scan::{
-    self, CommaSplit, Param, Params, is_lws, is_token, quoted_string, sws, token, trim,
+    self, CommaSplit, Param, Params, find_byte, is_lws, is_token, quoted_string, sws, token, trim,
 };
 use crate::uri::Uri;
 
@@ -43,7 +43,7 @@ type HostPort<'a> = (&'a [u8], &'a [u8], Option<u16>);
 
 fn host_port(i: &[u8]) -> Result<HostPort<'_>, Malformed> {
     let (rest, host) = if i.first() == Some(&b'[') {
-        let close = memchr::memchr(b']', i).ok_or(Malformed)?;
+        let close = find_byte(b']', i).ok_or(Malformed)?;
         (&i[close + 1..], &i[..close + 1])
     } else {
         let (r, h) = take_while1::<_, _, nom::error::Error<&[u8]>>(|b: u8| {
@@ -172,13 +172,13 @@ impl<'a> NameAddr<'a> {
         if i.is_empty() {
             return Err(Malformed);
         }
-        let lt = memchr::memchr(b'<', i);
+        let lt = find_byte(b'<', i);
         let quoted = i.first() == Some(&b'"');
         if quoted || lt.is_some() {
             let (r, display) = display_name(i).map_err(|_| Malformed)?;
             let r = sws(r);
             let r = r.strip_prefix(b"<").ok_or(Malformed)?;
-            let gt = memchr::memchr(b'>', r).ok_or(Malformed)?;
+            let gt = find_byte(b'>', r).ok_or(Malformed)?;
             let uri = &r[..gt];
             Uri::parse(uri)?;
             let params = sws(&r[gt + 1..]);
@@ -270,7 +270,7 @@ pub struct ContactAddr<'a> {
 
 /// RFC 3261 §20.10 qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
 pub fn parse_qvalue(s: &[u8]) -> Option<u16> {
-    let (int, frac) = match memchr::memchr(b'.', s) {
+    let (int, frac) = match find_byte(b'.', s) {
         Some(d) => (&s[..d], &s[d + 1..]),
         None => (s, &b""[..]),
     };
@@ -430,7 +430,7 @@ impl<'a> AuthHeader<'a> {
         CommaSplit::new(self.params)
             .filter(|s| !s.is_empty())
             .map(|p| {
-                let eq = memchr::memchr(b'=', p).ok_or(Malformed)?;
+                let eq = find_byte(b'=', p).ok_or(Malformed)?;
                 let name = trim(&p[..eq]);
                 let value = trim(&p[eq + 1..]);
                 if name.is_empty() || !name.iter().all(|&b| is_token(b)) || value.is_empty() {

@@ -3,13 +3,30 @@
 use crate::error::Malformed;
 use nom::{IResult, Parser, bytes::complete::take_while1, error::ErrorKind as NomKind};
 
+/// A 256-entry membership table for a character class: alphanumerics plus `extra`.
+pub const fn class(extra: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric();
+        c += 1;
+    }
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
+}
+
+/// RFC 3261 §25.1 `token`.
+pub static TOKEN: [bool; 256] = class(b"-.!%*_+`'~");
+
 /// RFC 3261 §25.1 `token` characters.
+#[inline]
 pub fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
-        )
+    TOKEN[b as usize]
 }
 
 /// Whitespace inside an (unfolded) header value: folding keeps its CRLF in the slice.
@@ -108,25 +125,43 @@ impl<'a> Iterator for CommaSplit<'a> {
     type Item = &'a [u8];
     fn next(&mut self) -> Option<&'a [u8]> {
         let s = self.rest?;
-        let mut in_q = false;
-        let mut in_a = false;
         let mut k = 0;
-        while k < s.len() {
+        loop {
+            // Jump to the next octet that matters at top level.
+            let Some(j) = memchr::memchr3(b',', b'"', b'<', &s[k..]) else {
+                self.rest = None;
+                return Some(trim(s));
+            };
+            k += j;
             match s[k] {
-                b'\\' if in_q => k += 1,
-                b'"' => in_q = !in_q,
-                b'<' if !in_q => in_a = true,
-                b'>' if !in_q => in_a = false,
-                b',' if !in_q && !in_a => {
+                b',' => {
                     self.rest = Some(&s[k + 1..]);
                     return Some(trim(&s[..k]));
                 }
-                _ => {}
+                b'"' => {
+                    // Skip the quoted string (backslash escapes included).
+                    k += 1;
+                    while k < s.len() && s[k] != b'"' {
+                        k += if s[k] == b'\\' { 2 } else { 1 };
+                    }
+                    k += 1;
+                }
+                _ => {
+                    // Inside <...>: commas belong to the URI.
+                    match memchr::memchr(b'>', &s[k..]) {
+                        Some(e) => k += e + 1,
+                        None => {
+                            self.rest = None;
+                            return Some(trim(s));
+                        }
+                    }
+                }
             }
-            k += 1;
+            if k >= s.len() {
+                self.rest = None;
+                return Some(trim(s));
+            }
         }
-        self.rest = None;
-        Some(trim(s))
     }
 }
 
@@ -262,4 +297,11 @@ mod tests {
         );
         assert_eq!(parse_delta_seconds(b"-1"), None);
     }
+}
+
+/// Position of `b` in a short slice. Header values and URIs are tens of octets: a plain
+/// loop beats a vectorised search's set-up there.
+#[inline]
+pub fn find_byte(b: u8, s: &[u8]) -> Option<usize> {
+    s.iter().position(|&c| c == b)
 }

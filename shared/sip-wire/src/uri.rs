@@ -1,7 +1,7 @@
 //! SIP, SIPS and tel URIs (RFC 3261 §19.1, RFC 3966), borrowed from the message.
 
 use crate::error::Malformed;
-use crate::scan::{Param, Params};
+use crate::scan::{Param, Params, class, find_byte};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
@@ -33,40 +33,31 @@ pub struct Uri<'a> {
     pub raw: &'a [u8],
 }
 
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'_' | b'.' | b'!' | b'~' | b'*' | b'\'' | b'(' | b')'
-        )
-}
+// RFC 3261 §25.1 character classes (unreserved = alphanum / mark).
+static USER: [bool; 256] = class(b"-_.!~*'()&=+$,;?/%");
+static PASSWORD: [bool; 256] = class(b"-_.!~*'()&=+$,%");
+static PARAM: [bool; 256] = class(b"-_.!~*'()[]/:&+$%=;");
+static HEADER: [bool; 256] = class(b"-_.!~*'()[]/?:+$%=&");
+static HOST: [bool; 256] = class(b"-.");
 
+#[inline]
 fn is_user_char(b: u8) -> bool {
-    is_unreserved(b)
-        || matches!(
-            b,
-            b'&' | b'=' | b'+' | b'$' | b',' | b';' | b'?' | b'/' | b'%'
-        )
+    USER[b as usize]
 }
 
+#[inline]
 fn is_password_char(b: u8) -> bool {
-    is_unreserved(b) || matches!(b, b'&' | b'=' | b'+' | b'$' | b',' | b'%')
+    PASSWORD[b as usize]
 }
 
+#[inline]
 fn is_param_char(b: u8) -> bool {
-    is_unreserved(b)
-        || matches!(
-            b,
-            b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$' | b'%' | b'=' | b';'
-        )
+    PARAM[b as usize]
 }
 
+#[inline]
 fn is_header_char(b: u8) -> bool {
-    is_unreserved(b)
-        || matches!(
-            b,
-            b'[' | b']' | b'/' | b'?' | b':' | b'+' | b'$' | b'%' | b'=' | b'&'
-        )
+    HEADER[b as usize]
 }
 
 fn valid_escapes(s: &[u8]) -> bool {
@@ -97,14 +88,13 @@ fn valid_host(h: &[u8]) -> bool {
                 .iter()
                 .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
     }
-    h.iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    h.iter().all(|&b| HOST[b as usize])
 }
 
 impl<'a> Uri<'a> {
     /// Parse a URI. Fails on whitespace, angle brackets, bad escapes, bad hosts or ports.
     pub fn parse(raw: &'a [u8]) -> Result<Uri<'a>, Malformed> {
-        let colon = memchr::memchr(b':', raw).ok_or(Malformed)?;
+        let colon = find_byte(b':', raw).ok_or(Malformed)?;
         let scheme_raw = &raw[..colon];
         if scheme_raw.is_empty()
             || !scheme_raw[0].is_ascii_alphabetic()
@@ -150,7 +140,7 @@ impl<'a> Uri<'a> {
             }
             Scheme::Tel => {
                 // RFC 3966: telephone-subscriber *par
-                let semi = memchr::memchr(b';', opaque).unwrap_or(opaque.len());
+                let semi = find_byte(b';', opaque).unwrap_or(opaque.len());
                 let number = &opaque[..semi];
                 if number.is_empty()
                     || !number.iter().all(|&b| {
@@ -169,10 +159,10 @@ impl<'a> Uri<'a> {
             Scheme::Sip | Scheme::Sips => {
                 let mut rest = opaque;
                 // '@' cannot occur unescaped outside userinfo (RFC 3261 §25.1).
-                if let Some(at) = memchr::memchr(b'@', rest) {
+                if let Some(at) = find_byte(b'@', rest) {
                     let userinfo = &rest[..at];
                     rest = &rest[at + 1..];
-                    let (user, password) = match memchr::memchr(b':', userinfo) {
+                    let (user, password) = match find_byte(b':', userinfo) {
                         Some(c) => (&userinfo[..c], Some(&userinfo[c + 1..])),
                         None => (userinfo, None),
                     };
@@ -190,7 +180,7 @@ impl<'a> Uri<'a> {
                     uri.user = Some(user);
                     uri.password = password;
                 }
-                let q = memchr::memchr(b'?', rest);
+                let q = find_byte(b'?', rest);
                 let (hostpart, headers) = match q {
                     Some(q) => (&rest[..q], Some(&rest[q + 1..])),
                     None => (rest, None),
@@ -201,7 +191,7 @@ impl<'a> Uri<'a> {
                     return Err(Malformed);
                 }
                 uri.headers = headers;
-                let semi = memchr::memchr(b';', hostpart).unwrap_or(hostpart.len());
+                let semi = find_byte(b';', hostpart).unwrap_or(hostpart.len());
                 let hostport = &hostpart[..semi];
                 uri.params = &hostpart[semi..];
                 if !uri.params.iter().all(|&b| is_param_char(b)) || !valid_escapes(uri.params) {
@@ -213,10 +203,10 @@ impl<'a> Uri<'a> {
                     }
                 }
                 let (host, port) = if hostport.first() == Some(&b'[') {
-                    let close = memchr::memchr(b']', hostport).ok_or(Malformed)?;
+                    let close = find_byte(b']', hostport).ok_or(Malformed)?;
                     (&hostport[..close + 1], &hostport[close + 1..])
                 } else {
-                    match memchr::memchr(b':', hostport) {
+                    match find_byte(b':', hostport) {
                         Some(c) => (&hostport[..c], &hostport[c..]),
                         None => (hostport, &b""[..]),
                     }
