@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use sip_wire::{ErrorKind, Framing, HeaderName, Message, Method, StartLine, Via, Writer};
+use sip_wire::{Checked, ErrorKind, Framing, HeaderName, Message, Method, StartLine, Via, Writer};
 
 use crate::date::DateCache;
 use crate::io::{Dest, Handler, Millis, Outbox, Source, Transport};
@@ -84,44 +84,44 @@ impl Core {
 
     /// A To tag for a stateless reply: the same for retransmissions of a request (hash of
     /// Call-ID, From tag and branch under a per-process random key), never a counter.
-    fn to_tag(&self, m: &Message<'_>, out: &mut [u8; 16]) {
+    fn to_tag(&self, a: &Addressee<'_>, out: &mut [u8; 16]) {
         let mut h = self.tag_key.build_hasher();
-        h.write(m.call_id().unwrap_or_default());
-        h.write(m.from().and_then(|f| f.tag()).unwrap_or_default());
-        h.write(m.top_via().and_then(|v| v.branch).unwrap_or_default());
+        h.write(a.call_id);
+        h.write(a.from_tag);
+        h.write(a.via.branch.unwrap_or_default());
         let v = h.finish();
         for (i, b) in out.iter_mut().enumerate() {
             *b = b"0123456789abcdef"[((v >> (60 - 4 * i)) & 0xf) as usize];
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn reply<O: Outbox>(
         &mut self,
         m: &Message<'_>,
+        a: &Addressee<'_>,
         src: &Source,
         now: Millis,
         out: &mut O,
         r: Reply<'_>,
         extra: impl FnOnce(&Self, &mut Writer<'_>),
     ) {
-        let Some(via) = m.top_via().or_else(|| m.top_via_lenient()) else {
-            self.stats.dropped.fetch_add(1, Relaxed);
-            return;
-        };
-        let dest = response_dest(&via, src);
+        let dest = response_dest(&a.via, src);
         let mut tag = [0u8; 16];
-        self.to_tag(m, &mut tag);
+        self.to_tag(a, &mut tag);
         let date = {
             let d = self.date.get(now / 1000);
-            let mut a = [0u8; 29];
-            a.copy_from_slice(d);
-            a
+            let mut b = [0u8; 29];
+            b.copy_from_slice(d);
+            b
         };
         let mut ok = true;
         out.send(dest, |buf| {
             let mut w = Writer::new(buf);
-            w.response_head(
+            w.response_head_with(
                 m,
+                a.via_well_formed.then_some(&a.via),
+                a.to_has_tag,
                 r.code,
                 r.reason,
                 src.remote.ip(),
@@ -162,9 +162,15 @@ impl Core {
             self.stats.dropped.fetch_add(1, Relaxed);
             return;
         }
+        let Some(a) = Addressee::from_raw(m) else {
+            // No usable Via: nowhere to send a reply.
+            self.stats.dropped.fetch_add(1, Relaxed);
+            return;
+        };
         self.stats.rejected_malformed.fetch_add(1, Relaxed);
         self.reply(
             m,
+            &a,
             src,
             now,
             out,
@@ -178,25 +184,29 @@ impl Core {
 
     fn request<O: Outbox>(&mut self, m: &Message<'_>, src: &Source, now: Millis, out: &mut O) {
         let method = m.method().unwrap_or(Method::Other(b""));
-        if let Err(e) = m.check_request() {
-            // RFC 4475 §3.1.2.18: an unknown method is reported as such first.
-            let e = match (method, e) {
-                (Method::Other(_), ErrorKind::CSeqMethodMismatch) => {
-                    return self.not_implemented(m, src, now, out);
+        let checked = match m.check_request() {
+            Ok(c) => c,
+            Err(e) => {
+                // RFC 4475 §3.1.2.18: an unknown method is reported as such first.
+                if let (Method::Other(_), ErrorKind::CSeqMethodMismatch) = (method, e)
+                    && let Some(a) = Addressee::from_raw(m)
+                {
+                    return self.not_implemented(m, &a, src, now, out);
                 }
-                (_, e) => e,
-            };
-            return self.reject(m, src, now, out, e);
-        }
+                return self.reject(m, src, now, out, e);
+            }
+        };
+        let a = Addressee::from_checked(&checked);
         if method == Method::Ack {
             // No INVITE server transactions yet: an ACK has nothing to match.
             self.stats.acks_absorbed.fetch_add(1, Relaxed);
             return;
         }
         // RFC 3261 §16.3 step 2 / §8.2: Max-Forwards 0 is not processed further.
-        if m.max_forwards() == Some(0) {
+        if checked.max_forwards == Some(0) {
             return self.reply(
                 m,
+                &a,
                 src,
                 now,
                 out,
@@ -210,11 +220,12 @@ impl Core {
         // RFC 3261 §8.2.1: method inspection.
         match method {
             Method::Register | Method::Options => {}
-            Method::Other(_) => return self.not_implemented(m, src, now, out),
+            Method::Other(_) => return self.not_implemented(m, &a, src, now, out),
             Method::Cancel | Method::Bye => {
                 // RFC 3261 §9.2 / §15.1.2: no matching transaction or dialog.
                 return self.reply(
                     m,
+                    &a,
                     src,
                     now,
                     out,
@@ -228,6 +239,7 @@ impl Core {
             _ => {
                 return self.reply(
                     m,
+                    &a,
                     src,
                     now,
                     out,
@@ -246,6 +258,7 @@ impl Core {
         if m.tokens(HeaderName::Require).any(|t| !is_supported(t)) {
             return self.reply(
                 m,
+                &a,
                 src,
                 now,
                 out,
@@ -266,6 +279,7 @@ impl Core {
                 self.stats.options.fetch_add(1, Relaxed);
                 self.reply(
                     m,
+                    &a,
                     src,
                     now,
                     out,
@@ -280,10 +294,11 @@ impl Core {
                     },
                 );
             }
-            Method::Register => match self.registrar.register(m, src, now) {
+            Method::Register => match self.registrar.register(m, &checked, src, now) {
                 RegReply::Ok => {
                     self.reply(
                         m,
+                        &a,
                         src,
                         now,
                         out,
@@ -300,6 +315,7 @@ impl Core {
                 RegReply::Reject(r) => {
                     self.reply(
                         m,
+                        &a,
                         src,
                         now,
                         out,
@@ -326,6 +342,7 @@ impl Core {
     fn not_implemented<O: Outbox>(
         &mut self,
         m: &Message<'_>,
+        a: &Addressee<'_>,
         src: &Source,
         now: Millis,
         out: &mut O,
@@ -333,6 +350,7 @@ impl Core {
         // RFC 3261 §8.2.1: an unknown method is 501.
         self.reply(
             m,
+            a,
             src,
             now,
             out,
@@ -344,6 +362,45 @@ impl Core {
                 w.header("Allow", ALLOW);
             },
         );
+    }
+}
+
+/// What a reply to one request needs from it, parsed once.
+struct Addressee<'a> {
+    /// The top Via (leniently parsed when the request failed its checks).
+    via: Via<'a>,
+    /// Whether `via` parsed strictly (otherwise it is copied into the reply as written).
+    via_well_formed: bool,
+    to_has_tag: bool,
+    call_id: &'a [u8],
+    from_tag: &'a [u8],
+}
+
+impl<'a> Addressee<'a> {
+    fn from_checked(c: &Checked<'a>) -> Self {
+        Addressee {
+            via: c.top_via,
+            via_well_formed: true,
+            to_has_tag: c.to.tag().is_some(),
+            call_id: c.call_id,
+            from_tag: c.from.tag().unwrap_or_default(),
+        }
+    }
+
+    /// For a request that failed its checks: `None` when not even a lenient top Via
+    /// can be read (then there is nowhere to send a reply).
+    fn from_raw(m: &Message<'a>) -> Option<Self> {
+        let (via, via_well_formed) = match m.top_via() {
+            Some(v) => (v, true),
+            None => (m.top_via_lenient()?, false),
+        };
+        Some(Addressee {
+            via,
+            via_well_formed,
+            to_has_tag: m.to().is_some_and(|t| t.tag().is_some()),
+            call_id: m.call_id().unwrap_or_default(),
+            from_tag: m.from().and_then(|f| f.tag()).unwrap_or_default(),
+        })
     }
 }
 
@@ -410,8 +467,13 @@ impl Handler for Core {
         // RFC 3261 §18.1.1 / §21.5.14: 513 Message Too Large.
         match Message::parse_for_reject(head) {
             Some(m) if m.method() != Some(Method::Ack) => {
+                let Some(a) = Addressee::from_raw(&m) else {
+                    self.stats.dropped.fetch_add(1, Relaxed);
+                    return;
+                };
                 self.reply(
                     &m,
+                    &a,
                     src,
                     now,
                     out,

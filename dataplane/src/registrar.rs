@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use sip_wire::headers::ContactAddr;
 use sip_wire::uri::unescaped;
-use sip_wire::{Contact, HeaderName, Message, Scheme, Uri, Writer};
+use sip_wire::{Checked, Contact, HeaderName, Message, Scheme, Uri, Writer};
 use sipmesh_cluster::NodeId;
 use sipmesh_cluster::change::{ChangeRecordRef, ChangeRef, RemoveReason, next_version};
 use sipmesh_cluster::ring::{ChangeBatch, ChangeProducer};
@@ -221,10 +221,16 @@ impl Registrar {
         out.len() <= MAX_AOR_LEN
     }
 
-    /// Apply one REGISTER (already through `Message::check_request`).
-    pub fn register(&mut self, m: &Message<'_>, src: &Source, now_ms: Millis) -> RegReply {
+    /// Apply one REGISTER that passed `Message::check_request` (`c` is what it parsed).
+    pub fn register(
+        &mut self,
+        m: &Message<'_>,
+        c: &Checked<'_>,
+        src: &Source,
+        now_ms: Millis,
+    ) -> RegReply {
         self.stats.registers.fetch_add(1, Relaxed);
-        let r = self.register_inner(m, src, now_ms);
+        let r = self.register_inner(m, c, src, now_ms);
         match r {
             RegReply::Ok => self.stats.accepted.fetch_add(1, Relaxed),
             RegReply::Reject(_) => self.stats.rejected.fetch_add(1, Relaxed),
@@ -232,48 +238,44 @@ impl Registrar {
         r
     }
 
-    fn register_inner(&mut self, m: &Message<'_>, src: &Source, now_ms: Millis) -> RegReply {
+    fn serves(&self, host: &[u8]) -> bool {
+        self.cfg.domains.is_empty()
+            || self
+                .cfg
+                .domains
+                .iter()
+                .any(|d| d.as_bytes().eq_ignore_ascii_case(host))
+    }
+
+    fn register_inner(
+        &mut self,
+        m: &Message<'_>,
+        chk: &Checked<'_>,
+        src: &Source,
+        now_ms: Millis,
+    ) -> RegReply {
         let now_s = (now_ms / 1000) as u32;
         // RFC 3261 §10.3 step 1: is the domain of the Request-URI ours?
-        let Some(ruri) = m.request_uri().and_then(|u| Uri::parse(u).ok()) else {
-            return RegReply::Reject(Reject::new(400, "Bad Request-URI"));
-        };
+        let ruri = chk.request_uri;
         if !ruri.is_sip() {
             return RegReply::Reject(Reject::new(416, "Unsupported URI Scheme"));
         }
-        if !self.cfg.domains.is_empty()
-            && !self
-                .cfg
-                .domains
-                .iter()
-                .any(|d| d.as_bytes().eq_ignore_ascii_case(ruri.host))
-        {
+        if !self.serves(ruri.host) {
             return RegReply::Reject(Reject::new(404, "Domain Not Served"));
         }
         // RFC 3261 §10.3 step 5: the AoR comes from To and must be a SIP(S) URI.
-        let Some(to) = m.to() else {
-            return RegReply::Reject(Reject::new(400, "Malformed To"));
-        };
-        let to_uri = to.parsed_uri();
+        let to_uri = chk.to.parsed_uri();
         if !matches!(to_uri.scheme, Scheme::Sip | Scheme::Sips) {
             return RegReply::Reject(Reject::new(400, "Address-of-Record Must Be a SIP URI"));
         }
-        if !self.cfg.domains.is_empty()
-            && !self
-                .cfg
-                .domains
-                .iter()
-                .any(|d| d.as_bytes().eq_ignore_ascii_case(to_uri.host))
-        {
+        if !self.serves(to_uri.host) {
             return RegReply::Reject(Reject::new(404, "Not Found"));
         }
         if !Self::canonical_aor(&mut self.aor, &to_uri) {
             return RegReply::Reject(Reject::new(400, "Address-of-Record Too Long"));
         }
-        let (Some(call_id), Some(cseq)) = (m.call_id(), m.cseq()) else {
-            return RegReply::Reject(Reject::new(400, "Malformed CSeq"));
-        };
-        let header_expires = m.expires();
+        let (call_id, cseq) = (chk.call_id, chk.cseq);
+        let header_expires = chk.expires;
 
         // RFC 3261 §10.3 step 6: collect the contacts; '*' only alone and with Expires: 0.
         let mut star = false;
@@ -284,6 +286,7 @@ impl Registrar {
                     uri: b"",
                     bracketed: false,
                     params: b"",
+                    parsed: to_uri,
                 },
                 expires: None,
                 q: None,

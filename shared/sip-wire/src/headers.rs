@@ -151,6 +151,8 @@ pub struct NameAddr<'a> {
     pub bracketed: bool,
     /// Header parameters `;...` after the URI, as written.
     pub params: &'a [u8],
+    /// The URI, parsed.
+    pub parsed: Uri<'a>,
 }
 
 /// RFC 3261 §25.1: display-name = *(token LWS) / quoted-string.
@@ -180,7 +182,7 @@ impl<'a> NameAddr<'a> {
             let r = r.strip_prefix(b"<").ok_or(Malformed)?;
             let gt = find_byte(b'>', r).ok_or(Malformed)?;
             let uri = &r[..gt];
-            Uri::parse(uri)?;
+            let parsed = Uri::parse(uri)?;
             let params = sws(&r[gt + 1..]);
             if !params.is_empty() && params[0] != b';' {
                 return Err(Malformed);
@@ -193,6 +195,7 @@ impl<'a> NameAddr<'a> {
                 uri,
                 bracketed: true,
                 params,
+                parsed,
             })
         } else {
             // addr-spec: parameters after ';' belong to the header (RFC 3261 §20.10), so
@@ -205,7 +208,7 @@ impl<'a> NameAddr<'a> {
             if uri.contains(&b'?') || uri.contains(&b',') {
                 return Err(Malformed);
             }
-            Uri::parse(uri)?;
+            let parsed = Uri::parse(uri)?;
             let params = sws(&i[end..]);
             if !params.is_empty() && params[0] != b';' {
                 return Err(Malformed);
@@ -218,6 +221,7 @@ impl<'a> NameAddr<'a> {
                 uri,
                 bracketed: false,
                 params,
+                parsed,
             })
         }
     }
@@ -231,25 +235,15 @@ impl<'a> NameAddr<'a> {
     }
 
     pub fn parsed_uri(&self) -> Uri<'a> {
-        // Checked in `parse`.
-        Uri::parse(self.uri).unwrap_or(Uri {
-            scheme: crate::uri::Scheme::Other,
-            scheme_raw: b"",
-            user: None,
-            password: None,
-            host: b"",
-            port: None,
-            params: b"",
-            headers: None,
-            opaque: b"",
-            raw: self.uri,
-        })
+        self.parsed
     }
 }
 
 // --------------------------------------------------------------------------- Contact
 
 /// One Contact value (RFC 3261 §20.10, RFC 5626 §4.2 instance/reg-id).
+// Lives on the stack only; boxing the large variant would allocate per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Contact<'a> {
     /// `Contact: *`
@@ -456,6 +450,23 @@ impl<'a> AuthHeader<'a> {
 
 // ------------------------------------------------------------- typed access on Message
 
+type Common<'a> = (Via<'a>, NameAddr<'a>, NameAddr<'a>, &'a [u8]);
+
+/// What `Message::check_request` parsed on its way: a request that passed the checks,
+/// with the values every handler reads, so nothing is parsed twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked<'a> {
+    pub request_uri: Uri<'a>,
+    pub top_via: Via<'a>,
+    pub from: NameAddr<'a>,
+    pub to: NameAddr<'a>,
+    pub call_id: &'a [u8],
+    pub cseq: CSeq<'a>,
+    pub max_forwards: Option<u8>,
+    /// The Expires header (delta-seconds, saturating).
+    pub expires: Option<u32>,
+}
+
 impl<'a> Message<'a> {
     /// Every Via value, top first.
     pub fn vias(&self) -> impl Iterator<Item = Result<Via<'a>, Malformed>> + '_ {
@@ -571,7 +582,7 @@ impl<'a> Message<'a> {
     /// mandatory header fields present, single-valued fields single, scalar fields in
     /// range, CSeq method equal to the request method, and every header this node reads
     /// well formed. Returns the first defect.
-    pub fn check_request(&self) -> Result<(), ErrorKind> {
+    pub fn check_request(&self) -> Result<Checked<'a>, ErrorKind> {
         let method = self.method().ok_or(ErrorKind::BadStartLine)?;
         let uri = self.request_uri().ok_or(ErrorKind::BadStartLine)?;
         // RFC 3261 §8.2.2.1: a scheme we do not handle is 416; malformed is 400.
@@ -584,7 +595,7 @@ impl<'a> Message<'a> {
         if ruri.headers.is_some() {
             return Err(ErrorKind::BadRequestUri);
         }
-        self.check_common()?;
+        let (top_via, from, to, call_id) = self.check_common()?;
         let cseq = CSeq::parse(
             self.header(HeaderName::CSeq)
                 .ok_or(ErrorKind::MissingHeader(HeaderName::CSeq))?,
@@ -595,9 +606,13 @@ impl<'a> Message<'a> {
         if cseq.method != method {
             return Err(ErrorKind::CSeqMethodMismatch);
         }
-        if let Some(mf) = self.header(HeaderName::MaxForwards) {
-            scan::parse_u64(mf, 255).ok_or(ErrorKind::BadHeader(HeaderName::MaxForwards))?;
-        }
+        let max_forwards = match self.header(HeaderName::MaxForwards) {
+            Some(mf) => Some(
+                scan::parse_u64(mf, 255).ok_or(ErrorKind::BadHeader(HeaderName::MaxForwards))?
+                    as u8,
+            ),
+            None => None,
+        };
         for c in self.contacts() {
             c.map_err(|_| ErrorKind::BadHeader(HeaderName::Contact))?;
         }
@@ -630,7 +645,16 @@ impl<'a> Message<'a> {
         for a in self.authorizations() {
             a.map_err(|_| ErrorKind::BadHeader(HeaderName::Authorization))?;
         }
-        Ok(())
+        Ok(Checked {
+            request_uri: ruri,
+            top_via,
+            from,
+            to,
+            call_id,
+            cseq,
+            max_forwards,
+            expires: self.expires(),
+        })
     }
 
     /// The checks a response must pass before it is used; a response that fails them is
@@ -650,7 +674,7 @@ impl<'a> Message<'a> {
         Ok(())
     }
 
-    fn check_common(&self) -> Result<(), ErrorKind> {
+    fn check_common(&self) -> Result<Common<'a>, ErrorKind> {
         // RFC 3261 §8.1.1: To, From, CSeq, Call-ID, Max-Forwards and Via are mandatory;
         // Max-Forwards is left optional for RFC 2543 peers (RFC 4475 §3.4.1).
         for name in [
@@ -683,19 +707,22 @@ impl<'a> Message<'a> {
                 return Err(ErrorKind::BadHeader(name));
             }
         }
+        let mut top = None;
         for v in self.vias() {
-            v.map_err(|_| ErrorKind::BadHeader(HeaderName::Via))?;
+            let v = v.map_err(|_| ErrorKind::BadHeader(HeaderName::Via))?;
+            top.get_or_insert(v);
         }
-        NameAddr::parse(self.header(HeaderName::From).unwrap_or_default())
+        let top = top.ok_or(ErrorKind::MissingHeader(HeaderName::Via))?;
+        let from = NameAddr::parse(self.header(HeaderName::From).unwrap_or_default())
             .map_err(|_| ErrorKind::BadHeader(HeaderName::From))?;
-        NameAddr::parse(self.header(HeaderName::To).unwrap_or_default())
+        let to = NameAddr::parse(self.header(HeaderName::To).unwrap_or_default())
             .map_err(|_| ErrorKind::BadHeader(HeaderName::To))?;
         let cid = self.header(HeaderName::CallId).unwrap_or_default();
         // callid = word [ "@" word ]: no whitespace inside.
         if cid.iter().any(|&b| is_lws(b)) {
             return Err(ErrorKind::BadHeader(HeaderName::CallId));
         }
-        Ok(())
+        Ok((top, from, to, cid))
     }
 }
 

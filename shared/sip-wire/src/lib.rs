@@ -16,7 +16,9 @@ pub mod write;
 
 pub use error::{ErrorKind, Malformed};
 pub use framing::{StreamFrame, frame_stream};
-pub use headers::{AuthHeader, CSeq, Contact, ContactAddr, MediaType, NameAddr, TokenParams, Via};
+pub use headers::{
+    AuthHeader, CSeq, Checked, Contact, ContactAddr, MediaType, NameAddr, TokenParams, Via,
+};
 pub use message::{Framing, Header, HeaderName, MAX_HEADERS, Message, Method, StartLine};
 pub use uri::{Scheme, Uri};
 pub use write::Writer;

@@ -255,6 +255,13 @@ pub fn token_list(s: &[u8]) -> impl Iterator<Item = &[u8]> {
     CommaSplit::new(s).filter(|t| !t.is_empty())
 }
 
+/// Position of `b` in a short slice. Header values and URIs are tens of octets: a plain
+/// loop beats a vectorised search's set-up there.
+#[inline]
+pub fn find_byte(b: u8, s: &[u8]) -> Option<usize> {
+    s.iter().position(|&c| c == b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,11 +304,4 @@ mod tests {
         );
         assert_eq!(parse_delta_seconds(b"-1"), None);
     }
-}
-
-/// Position of `b` in a short slice. Header values and URIs are tens of octets: a plain
-/// loop beats a vectorised search's set-up there.
-#[inline]
-pub fn find_byte(b: u8, s: &[u8]) -> Option<usize> {
-    s.iter().position(|&c| c == b)
 }

@@ -1,6 +1,5 @@
 //! Building messages into a caller-owned buffer, without heap allocation.
 
-use crate::error::Malformed;
 use core::fmt;
 use std::net::IpAddr;
 
@@ -140,20 +139,51 @@ impl<'b> Writer<'b> {
         src_port: u16,
         to_tag: Option<&[u8]>,
     ) -> &mut Self {
+        let top = req
+            .values(HeaderName::Via)
+            .next()
+            .and_then(|v| Via::parse(v).ok());
+        let to_has_tag = req.to().is_some_and(|t| t.tag().is_some());
+        self.response_head_with(
+            req,
+            top.as_ref(),
+            to_has_tag,
+            code,
+            reason,
+            src_ip,
+            src_port,
+            to_tag,
+        )
+    }
+
+    /// `response_head` with the top Via and the To tag's presence already known (from
+    /// `Message::check_request`), so nothing is parsed again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn response_head_with(
+        &mut self,
+        req: &Message<'_>,
+        top: Option<&Via<'_>>,
+        to_has_tag: bool,
+        code: u16,
+        reason: &str,
+        src_ip: IpAddr,
+        src_port: u16,
+        to_tag: Option<&[u8]>,
+    ) -> &mut Self {
         self.status_line(code, reason);
         let mut first = true;
         for v in req.headers_named(HeaderName::Via) {
             if first {
                 first = false;
-                let (top, rest) = split_first(v);
-                match Via::parse(top) {
-                    Ok(via) => {
+                let (top_raw, rest) = split_first(v);
+                match top {
+                    Some(via) => {
                         self.put(b"Via: ")
-                            .via_with_source(&via, src_ip, src_port)
+                            .via_with_source(via, src_ip, src_port)
                             .crlf();
                     }
-                    Err(Malformed) => {
-                        self.header("Via", top);
+                    None => {
+                        self.header("Via", top_raw);
                     }
                 }
                 if let Some(rest) = rest {
@@ -168,10 +198,9 @@ impl<'b> Writer<'b> {
         }
         if let Some(t) = req.header(HeaderName::To) {
             self.put(b"To: ").put(t);
-            let has_tag = req.to().is_some_and(|t| t.tag().is_some());
             if let Some(tag) = to_tag
                 && code > 100
-                && !has_tag
+                && !to_has_tag
             {
                 self.put(b";tag=").put(tag);
             }

@@ -14,7 +14,7 @@ fn load(name: &str) -> Vec<u8> {
 /// Parse and run the checks the node runs before any logic.
 fn check(m: &Message<'_>) -> Result<(), ErrorKind> {
     if m.is_request() {
-        m.check_request()
+        m.check_request().map(|_| ())
     } else {
         m.check_response()
     }
