@@ -618,7 +618,14 @@ fn plan_register(
                     Fate::ReplacedBy(j0) => targets[j0] = Target::Nothing,
                     // RFC 3261 §10.3 step 7: with the same Call-ID only a higher CSeq may
                     // update a binding; otherwise the request fails.
-                    _ if old[k].call_id() == req.call_id && req.cseq <= old[k].cseq => {
+                    // The request that wrote this binding, again: a retransmission (no
+                    // transaction layer absorbs REGISTERs here). RFC 3261 §17.2.3 would
+                    // resend the same answer; the current bindings are that answer.
+                    _ if old[k].call_id() == req.call_id && req.cseq == old[k].cseq => {
+                        targets.push(Target::Nothing);
+                        continue;
+                    }
+                    _ if old[k].call_id() == req.call_id && req.cseq < old[k].cseq => {
                         return Update::Keep(Err(Reject::new(500, "Out of Order CSeq")));
                     }
                     _ => {}
@@ -645,6 +652,12 @@ fn plan_register(
                 });
             }
         }
+    }
+    let changed =
+        fates.iter().any(|f| *f != Fate::Keep) || targets.iter().any(|t| *t != Target::Nothing);
+    if !changed {
+        // Nothing to write (a retransmission, or removals of unknown contacts).
+        return Update::Keep(Ok((last_version, None)));
     }
     let alive = |fates: &[Fate], targets: &[Target]| {
         fates

@@ -116,13 +116,35 @@ fn call_id_and_cseq_ordering_rule() {
     let contact = "Contact: <sip:e@192.0.2.1>";
     assert_eq!(status(&h.send(&register("erin", "c1", 5, &[contact]))), 200);
     h.drain();
-    assert_eq!(status(&h.send(&register("erin", "c1", 5, &[contact]))), 500);
     assert_eq!(status(&h.send(&register("erin", "c1", 4, &[contact]))), 500);
     assert!(h.drain().is_empty(), "a refused update changes nothing");
     // Another Call-ID (a rebooted UA) may use any CSeq.
     assert_eq!(status(&h.send(&register("erin", "c2", 1, &[contact]))), 200);
     assert_eq!(h.drain().len(), 1);
     assert_eq!(h.table.bindings(), 1);
+}
+
+#[test]
+fn a_retransmitted_register_gets_the_same_answer_and_changes_nothing() {
+    // RFC 3261 §17.2.3: a retransmission is answered again, not processed again.
+    let mut h = Harness::new(cfg());
+    let req = register("rex", "c1", 7, &["Contact: <sip:r@192.0.2.1>;expires=600"]);
+    let first = h.send(&req);
+    assert_eq!(status(&first), 200);
+    assert_eq!(h.drain().len(), 1);
+    h.now += 2_000;
+    let again = h.send(&req);
+    assert_eq!(status(&again), 200, "{again}");
+    assert_eq!(
+        header_values(&again, "Contact"),
+        vec!["<sip:r@192.0.2.1>;expires=598"]
+    );
+    assert!(h.drain().is_empty(), "a retransmission writes nothing");
+    // The retransmission of an unregistration also answers 200.
+    let unreg = register("rex", "c1", 8, &["Contact: <sip:r@192.0.2.1>;expires=0"]);
+    assert_eq!(status(&h.send(&unreg)), 200);
+    assert_eq!(status(&h.send(&unreg)), 200);
+    assert_eq!(h.drain().len(), 1);
 }
 
 #[test]
