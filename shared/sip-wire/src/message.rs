@@ -166,9 +166,9 @@ pub enum StartLine<'a> {
 struct Slot {
     name: HeaderName,
     name_len: u16,
-    name_start: u32,
-    val_start: u32,
-    val_len: u32,
+    name_start: u16,
+    val_start: u16,
+    val_len: u16,
 }
 
 const EMPTY: Slot = Slot {
@@ -290,6 +290,7 @@ pub enum Framing {
 impl<'a> Message<'a> {
     /// Parse one message. Only the framing and the start line are checked here; header
     /// values are checked when read (see `Message::check_request`).
+    #[inline]
     pub fn parse(buf: &'a [u8], framing: Framing) -> Result<Message<'a>, ErrorKind> {
         Self::parse_inner(buf, framing, false)
     }
@@ -309,11 +310,15 @@ impl<'a> Message<'a> {
         Self::parse_inner(buf, Framing::Datagram, true).ok()
     }
 
+    #[inline(always)]
     fn parse_inner(
         buf: &'a [u8],
         framing: Framing,
         lenient: bool,
     ) -> Result<Message<'a>, ErrorKind> {
+        // Offsets are 16-bit: a message is at most 65535 octets (the largest UDP payload
+        // and the largest configurable message size); octets past that are not looked at.
+        let buf = &buf[..buf.len().min(u16::MAX as usize)];
         // RFC 3261 §7.5: ignore CRLFs before the start line.
         let lead = buf
             .iter()
@@ -385,10 +390,10 @@ impl<'a> Message<'a> {
                         .iter()
                         .take_while(|&&b| b == b' ' || b == b'\t')
                         .count();
-                    s.val_start = (pos + lead_ws) as u32;
-                    s.val_len = (content_end - pos - lead_ws) as u32;
+                    s.val_start = (pos + lead_ws) as u16;
+                    s.val_len = (content_end - pos - lead_ws) as u16;
                 } else {
-                    s.val_len = (content_end - s.val_start as usize) as u32;
+                    s.val_len = (content_end - s.val_start as usize) as u16;
                 }
                 pos = (nl + 1).min(buf.len());
                 continue;
@@ -413,9 +418,9 @@ impl<'a> Message<'a> {
             msg.slots[n] = Slot {
                 name,
                 name_len: raw_name.len().min(u16::MAX as usize) as u16,
-                name_start: pos as u32,
-                val_start: vstart as u32,
-                val_len: vlen as u32,
+                name_start: pos as u16,
+                val_start: vstart as u16,
+                val_len: vlen as u16,
             };
             if name != HeaderName::Other && msg.first[name as usize] == u8::MAX {
                 msg.first[name as usize] = n as u8;
@@ -429,12 +434,12 @@ impl<'a> Message<'a> {
         }
         // Trim trailing whitespace of folded values.
         for s in &mut msg.slots[..msg.count as usize] {
-            let v = &buf[s.val_start as usize..(s.val_start + s.val_len) as usize];
-            s.val_len = crate::scan::trim(v).len() as u32;
+            let v = &buf[s.val_start as usize..s.val_start as usize + s.val_len as usize];
+            s.val_len = crate::scan::trim(v).len() as u16;
             let lead = v.len() - v.iter().skip_while(|&&b| crate::scan::is_lws(b)).count();
             if lead > 0 {
-                s.val_start += lead as u32;
-                s.val_len = crate::scan::trim(&v[lead..]).len() as u32;
+                s.val_start += lead as u16;
+                s.val_len = crate::scan::trim(&v[lead..]).len() as u16;
             }
         }
         let rest = &buf[pos..];
@@ -509,7 +514,7 @@ impl<'a> Message<'a> {
         Header {
             name: s.name,
             raw_name: &buf[s.name_start as usize..s.name_start as usize + s.name_len as usize],
-            value: &buf[s.val_start as usize..(s.val_start + s.val_len) as usize],
+            value: &buf[s.val_start as usize..s.val_start as usize + s.val_len as usize],
         }
     }
 
@@ -537,7 +542,7 @@ impl<'a> Message<'a> {
         self.slots[from..self.count as usize]
             .iter()
             .filter(move |s| s.name == name)
-            .map(|s| &self.buf[s.val_start as usize..(s.val_start + s.val_len) as usize])
+            .map(|s| &self.buf[s.val_start as usize..s.val_start as usize + s.val_len as usize])
     }
 
     /// The first value of a header field.
@@ -545,7 +550,7 @@ impl<'a> Message<'a> {
         match self.first.get(name as usize) {
             Some(&i) if i != u8::MAX => {
                 let s = &self.slots[i as usize];
-                Some(&self.buf[s.val_start as usize..(s.val_start + s.val_len) as usize])
+                Some(&self.buf[s.val_start as usize..s.val_start as usize + s.val_len as usize])
             }
             _ => None,
         }
