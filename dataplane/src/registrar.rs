@@ -70,8 +70,8 @@ pub struct RegistrarStats {
     pub registers: AtomicU64,
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
-    pub bindings_added: AtomicU64,
-    pub bindings_refreshed: AtomicU64,
+    /// Bindings added or refreshed (one upsert record each).
+    pub bindings_upserted: AtomicU64,
     pub bindings_removed: AtomicU64,
     pub bindings_expired: AtomicU64,
     /// REGISTERs refused with 503 because the change ring was full.
@@ -445,7 +445,7 @@ impl Registrar {
             match rec {
                 Some(RemoveReason::Expired) => self.stats.bindings_expired.fetch_add(1, Relaxed),
                 Some(_) => self.stats.bindings_removed.fetch_add(1, Relaxed),
-                None => self.stats.bindings_added.fetch_add(1, Relaxed),
+                None => self.stats.bindings_upserted.fetch_add(1, Relaxed),
             };
         }
     }
