@@ -92,6 +92,17 @@ impl Sipd {
     }
 
     pub fn start_on(addr: SocketAddr, config: &str, extra_args: &[&str]) -> Sipd {
+        Sipd::start_wrapped(&[], addr, config, extra_args)
+    }
+
+    /// Start sipd through `wrapper` (a program and its arguments that exec sipd's
+    /// command line, e.g. one that installs a seccomp filter first).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        addr: SocketAddr,
+        config: &str,
+        extra_args: &[&str],
+    ) -> Sipd {
         let dir = std::env::temp_dir().join(format!(
             "sipmesh-test-{}-{}",
             std::process::id(),
@@ -100,7 +111,15 @@ impl Sipd {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let cfg_path = dir.join("sipd.toml");
         std::fs::write(&cfg_path, config).expect("write config");
-        let mut child = Command::new(sipd_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(sipd_bin());
+                c
+            }
+            None => Command::new(sipd_bin()),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(&cfg_path)
             .arg("--listen")
