@@ -26,8 +26,12 @@ macro_rules! header_names {
         impl HeaderName {
             /// Classify a header name (case-insensitive, compact forms included).
             pub fn from_bytes(n: &[u8]) -> HeaderName {
+                let Some(&first) = n.first() else { return HeaderName::Other };
+                let first = first.to_ascii_lowercase();
                 $(
-                    if n.eq_ignore_ascii_case($long.as_bytes()) $(|| n.eq_ignore_ascii_case($short.as_bytes()))? {
+                    if ($long.as_bytes()[0].to_ascii_lowercase() == first && n.len() == $long.len() && n.eq_ignore_ascii_case($long.as_bytes()))
+                        $(|| (n.len() == 1 && $short.as_bytes()[0] == first))?
+                    {
                         return HeaderName::$v;
                     }
                 )*

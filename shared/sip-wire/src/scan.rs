@@ -23,6 +23,17 @@ pub const fn class(extra: &[u8]) -> [bool; 256] {
 /// RFC 3261 §25.1 `token`.
 pub static TOKEN: [bool; 256] = class(b"-.!%*_+`'~");
 
+/// `gen-value` without quotes: token or host (IPv6 references carry ':' and []).
+pub static GEN_VALUE: [bool; 256] = class(b"-.!%*_+`'~:[]");
+
+/// Length of the run of `class` octets at the start of `s`.
+#[inline]
+pub fn span(s: &[u8], class: &[bool; 256]) -> usize {
+    s.iter()
+        .position(|&b| !class[b as usize])
+        .unwrap_or(s.len())
+}
+
 /// RFC 3261 §25.1 `token` characters.
 #[inline]
 pub fn is_token(b: u8) -> bool {
@@ -48,7 +59,10 @@ pub fn trim(s: &[u8]) -> &[u8] {
 }
 
 pub fn token(i: &[u8]) -> IResult<&[u8], &[u8]> {
-    take_while1(is_token).parse(i)
+    match span(i, &TOKEN) {
+        0 => take_while1(is_token).parse(i),
+        n => Ok((&i[n..], &i[..n])),
+    }
 }
 
 fn fail(i: &[u8]) -> nom::Err<nom::error::Error<&[u8]>> {
@@ -214,7 +228,11 @@ impl<'a> Iterator for Params<'a> {
         let r = (|| {
             let s = s.strip_prefix(b";").ok_or(Malformed)?;
             let s = sws(s);
-            let (s, name) = token(s).map_err(|_| Malformed)?;
+            let n = span(s, &TOKEN);
+            if n == 0 {
+                return Err(Malformed);
+            }
+            let (name, s) = s.split_at(n);
             let s = sws(s);
             if let Some(s) = s.strip_prefix(b"=") {
                 let s = sws(s);
@@ -222,9 +240,12 @@ impl<'a> Iterator for Params<'a> {
                     quoted_string(s).map_err(|_| Malformed)?
                 } else {
                     // gen-value = token / host / quoted-string; IPv6 references carry ':' and [].
-                    take_while1(|b: u8| is_token(b) || matches!(b, b':' | b'[' | b']'))
-                        .parse(s)
-                        .map_err(|_: nom::Err<nom::error::Error<&[u8]>>| Malformed)?
+                    let n = span(s, &GEN_VALUE);
+                    if n == 0 {
+                        return Err(Malformed);
+                    }
+                    let (v, rest) = s.split_at(n);
+                    (rest, v)
                 };
                 Ok((
                     s,

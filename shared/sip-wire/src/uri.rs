@@ -12,11 +12,10 @@ pub enum Scheme {
     Other,
 }
 
-/// A parsed URI. For `Other` only `scheme_raw` and `opaque` are meaningful.
+/// A parsed URI. For `Other` only `scheme_raw()` and `opaque()` are meaningful.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Uri<'a> {
     pub scheme: Scheme,
-    pub scheme_raw: &'a [u8],
     /// user part, still %-escaped (for tel: the number).
     pub user: Option<&'a [u8]>,
     pub password: Option<&'a [u8]>,
@@ -27,8 +26,6 @@ pub struct Uri<'a> {
     pub params: &'a [u8],
     /// `?h=v&...` after the '?' (None when absent).
     pub headers: Option<&'a [u8]>,
-    /// Everything after `scheme:`.
-    pub opaque: &'a [u8],
     /// The whole URI as written.
     pub raw: &'a [u8],
 }
@@ -122,14 +119,12 @@ impl<'a> Uri<'a> {
         };
         let mut uri = Uri {
             scheme,
-            scheme_raw,
             user: None,
             password: None,
             host: b"",
             port: None,
             params: b"",
             headers: None,
-            opaque,
             raw,
         };
         match scheme {
@@ -225,6 +220,18 @@ impl<'a> Uri<'a> {
         Ok(uri)
     }
 
+    /// The scheme as written.
+    pub fn scheme_raw(&self) -> &'a [u8] {
+        let raw = self.raw;
+        &raw[..find_byte(b':', raw).unwrap_or(0)]
+    }
+
+    /// Everything after `scheme:`.
+    pub fn opaque(&self) -> &'a [u8] {
+        let raw = self.raw;
+        &raw[find_byte(b':', raw).map_or(raw.len(), |c| c + 1)..]
+    }
+
     pub fn is_sip(&self) -> bool {
         matches!(self.scheme, Scheme::Sip | Scheme::Sips)
     }
@@ -279,7 +286,7 @@ impl Uri<'_> {
             return false;
         }
         if !matches!(self.scheme, Scheme::Sip | Scheme::Sips) {
-            return eq_unescaped(self.opaque, other.opaque, true);
+            return eq_unescaped(self.opaque(), other.opaque(), true);
         }
         let opt_eq = |a: Option<&[u8]>, b: Option<&[u8]>| match (a, b) {
             (None, None) => true,
