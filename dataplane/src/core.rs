@@ -61,10 +61,13 @@ pub struct Core {
     tag_key: std::hash::RandomState,
 }
 
-/// What to answer.
-struct Reply<'r> {
-    code: u16,
-    reason: &'r str,
+/// One request being answered: the message, how to address the reply, where it came
+/// from and when.
+struct Incoming<'m, 'a> {
+    m: &'m Message<'a>,
+    to: Addressee<'a>,
+    src: &'m Source,
+    now: Millis,
 }
 
 impl Core {
@@ -95,22 +98,22 @@ impl Core {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Send a stateless reply to `req`: the response head (RFC 3261 §8.2.6.2), whatever
+    /// `extra` adds, Server, Date and an empty body.
     fn reply<O: Outbox>(
         &mut self,
-        m: &Message<'_>,
-        a: &Addressee<'_>,
-        src: &Source,
-        now: Millis,
+        req: &Incoming<'_, '_>,
         out: &mut O,
-        r: Reply<'_>,
+        code: u16,
+        reason: &str,
         extra: impl FnOnce(&Self, &mut Writer<'_>),
     ) {
+        let (m, a, src) = (req.m, &req.to, req.src);
         let dest = response_dest(&a.via, src);
         let mut tag = [0u8; 16];
         self.to_tag(a, &mut tag);
         let date = {
-            let d = self.date.get(now / 1000);
+            let d = self.date.get(req.now / 1000);
             let mut b = [0u8; 29];
             b.copy_from_slice(d);
             b
@@ -122,8 +125,8 @@ impl Core {
                 m,
                 a.via_well_formed.then_some(&a.via),
                 a.to_has_tag,
-                r.code,
-                r.reason,
+                code,
+                reason,
                 src.remote.ip(),
                 src.remote.port(),
                 Some(&tag),
@@ -149,6 +152,8 @@ impl Core {
         }
     }
 
+    /// Answer a request that failed to parse or check with the status its defect calls
+    /// for, or drop it (counted) when there is no Via to answer to.
     fn reject<O: Outbox>(
         &mut self,
         m: &Message<'_>,
@@ -162,206 +167,94 @@ impl Core {
             self.stats.dropped.fetch_add(1, Relaxed);
             return;
         }
-        let Some(a) = Addressee::from_raw(m) else {
-            // No usable Via: nowhere to send a reply.
+        let Some(to) = Addressee::from_raw(m) else {
             self.stats.dropped.fetch_add(1, Relaxed);
             return;
         };
+        let req = Incoming { m, to, src, now };
+        // RFC 4475 §3.1.2.18: an unknown method is reported as such first.
+        if let (Some(Method::Other(_)), ErrorKind::CSeqMethodMismatch) = (m.method(), e) {
+            return self.not_implemented(&req, out);
+        }
         self.stats.rejected_malformed.fetch_add(1, Relaxed);
-        self.reply(
-            m,
-            &a,
-            src,
-            now,
-            out,
-            Reply {
-                code: e.status(),
-                reason: e.reason(),
-            },
-            |_, _| {},
-        );
+        self.reply(&req, out, e.status(), e.reason(), |_, _| {});
     }
 
     fn request<O: Outbox>(&mut self, m: &Message<'_>, src: &Source, now: Millis, out: &mut O) {
-        let method = m.method().unwrap_or(Method::Other(b""));
         let checked = match m.check_request() {
             Ok(c) => c,
-            Err(e) => {
-                // RFC 4475 §3.1.2.18: an unknown method is reported as such first.
-                if let (Method::Other(_), ErrorKind::CSeqMethodMismatch) = (method, e)
-                    && let Some(a) = Addressee::from_raw(m)
-                {
-                    return self.not_implemented(m, &a, src, now, out);
-                }
-                return self.reject(m, src, now, out, e);
-            }
+            Err(e) => return self.reject(m, src, now, out, e),
         };
-        let a = Addressee::from_checked(&checked);
+        let method = checked.cseq.method;
         if method == Method::Ack {
             // No INVITE server transactions yet: an ACK has nothing to match.
             self.stats.acks_absorbed.fetch_add(1, Relaxed);
             return;
         }
+        let req = Incoming {
+            m,
+            to: Addressee::from_checked(&checked),
+            src,
+            now,
+        };
         // RFC 3261 §16.3 step 2 / §8.2: Max-Forwards 0 is not processed further.
         if checked.max_forwards == Some(0) {
-            return self.reply(
-                m,
-                &a,
-                src,
-                now,
-                out,
-                Reply {
-                    code: 483,
-                    reason: "Too Many Hops",
-                },
-                |_, _| {},
-            );
+            return self.reply(&req, out, 483, "Too Many Hops", |_, _| {});
         }
         // RFC 3261 §8.2.1: method inspection.
         match method {
             Method::Register | Method::Options => {}
-            Method::Other(_) => return self.not_implemented(m, &a, src, now, out),
+            Method::Other(_) => return self.not_implemented(&req, out),
             Method::Cancel | Method::Bye => {
                 // RFC 3261 §9.2 / §15.1.2: no matching transaction or dialog.
-                return self.reply(
-                    m,
-                    &a,
-                    src,
-                    now,
-                    out,
-                    Reply {
-                        code: 481,
-                        reason: "Call/Transaction Does Not Exist",
-                    },
-                    |_, _| {},
-                );
+                return self.reply(&req, out, 481, "Call/Transaction Does Not Exist", |_, _| {});
             }
             _ => {
-                return self.reply(
-                    m,
-                    &a,
-                    src,
-                    now,
-                    out,
-                    Reply {
-                        code: 405,
-                        reason: "Method Not Allowed",
-                    },
-                    |_, w| {
-                        w.header("Allow", ALLOW);
-                    },
-                );
+                return self.reply(&req, out, 405, "Method Not Allowed", |_, w| {
+                    w.header("Allow", ALLOW);
+                });
             }
         }
         // RFC 3261 §8.2.2.3: every Require option tag must be supported, else 420 listing
         // the unsupported ones.
         if m.tokens(HeaderName::Require).any(|t| !is_supported(t)) {
-            return self.reply(
-                m,
-                &a,
-                src,
-                now,
-                out,
-                Reply {
-                    code: 420,
-                    reason: "Bad Extension",
-                },
-                |_, w| {
-                    for t in m.tokens(HeaderName::Require).filter(|t| !is_supported(t)) {
-                        w.header("Unsupported", t);
-                    }
-                },
-            );
+            return self.reply(&req, out, 420, "Bad Extension", |_, w| {
+                for t in m.tokens(HeaderName::Require).filter(|t| !is_supported(t)) {
+                    w.header("Unsupported", t);
+                }
+            });
         }
-        match method {
-            Method::Options => {
-                // RFC 3261 §11.2: Allow, Accept and Supported SHOULD be present.
-                self.stats.options.fetch_add(1, Relaxed);
-                self.reply(
-                    m,
-                    &a,
-                    src,
-                    now,
-                    out,
-                    Reply {
-                        code: 200,
-                        reason: "OK",
-                    },
-                    |_, w| {
-                        w.header("Allow", ALLOW)
-                            .header("Accept", ACCEPT)
-                            .header("Supported", SUPPORTED_HEADER);
-                    },
-                );
-            }
-            Method::Register => match self.registrar.register(m, &checked, src, now) {
-                RegReply::Ok => {
-                    self.reply(
-                        m,
-                        &a,
-                        src,
-                        now,
-                        out,
-                        Reply {
-                            code: 200,
-                            reason: "OK",
-                        },
-                        |core, w| {
-                            core.registrar.write_bindings(m, w, now);
-                            w.header("Supported", SUPPORTED_HEADER);
-                        },
-                    );
+        if method == Method::Options {
+            // RFC 3261 §11.2: Allow, Accept and Supported SHOULD be present.
+            self.stats.options.fetch_add(1, Relaxed);
+            return self.reply(&req, out, 200, "OK", |_, w| {
+                w.header("Allow", ALLOW)
+                    .header("Accept", ACCEPT)
+                    .header("Supported", SUPPORTED_HEADER);
+            });
+        }
+        match self.registrar.register(m, &checked, src, now) {
+            RegReply::Ok => self.reply(&req, out, 200, "OK", |core, w| {
+                core.registrar.write_bindings(m, w, now);
+                w.header("Supported", SUPPORTED_HEADER);
+            }),
+            RegReply::Reject(r) => self.reply(&req, out, r.code, r.reason, |_, w| {
+                if let Some(me) = r.min_expires {
+                    // RFC 3261 §10.3 step 7 / §21.4.17
+                    w.put(b"Min-Expires: ").put_u64(u64::from(me)).crlf();
                 }
-                RegReply::Reject(r) => {
-                    self.reply(
-                        m,
-                        &a,
-                        src,
-                        now,
-                        out,
-                        Reply {
-                            code: r.code,
-                            reason: r.reason,
-                        },
-                        |_, w| {
-                            if let Some(me) = r.min_expires {
-                                // RFC 3261 §10.3 step 7 / §21.4.17
-                                w.put(b"Min-Expires: ").put_u64(u64::from(me)).crlf();
-                            }
-                            if let Some(ra) = r.retry_after {
-                                w.put(b"Retry-After: ").put_u64(u64::from(ra)).crlf();
-                            }
-                        },
-                    );
+                if let Some(ra) = r.retry_after {
+                    w.put(b"Retry-After: ").put_u64(u64::from(ra)).crlf();
                 }
-            },
-            _ => {}
+            }),
         }
     }
 
-    fn not_implemented<O: Outbox>(
-        &mut self,
-        m: &Message<'_>,
-        a: &Addressee<'_>,
-        src: &Source,
-        now: Millis,
-        out: &mut O,
-    ) {
+    fn not_implemented<O: Outbox>(&mut self, req: &Incoming<'_, '_>, out: &mut O) {
         // RFC 3261 §8.2.1: an unknown method is 501.
-        self.reply(
-            m,
-            a,
-            src,
-            now,
-            out,
-            Reply {
-                code: 501,
-                reason: "Not Implemented",
-            },
-            |_, w| {
-                w.header("Allow", ALLOW);
-            },
-        );
+        self.reply(req, out, 501, "Not Implemented", |_, w| {
+            w.header("Allow", ALLOW);
+        });
     }
 }
 
@@ -467,22 +360,17 @@ impl Handler for Core {
         // RFC 3261 §18.1.1 / §21.5.14: 513 Message Too Large.
         match Message::parse_for_reject(head) {
             Some(m) if m.method() != Some(Method::Ack) => {
-                let Some(a) = Addressee::from_raw(&m) else {
+                let Some(to) = Addressee::from_raw(&m) else {
                     self.stats.dropped.fetch_add(1, Relaxed);
                     return;
                 };
-                self.reply(
-                    &m,
-                    &a,
+                let req = Incoming {
+                    m: &m,
+                    to,
                     src,
                     now,
-                    out,
-                    Reply {
-                        code: 513,
-                        reason: "Message Too Large",
-                    },
-                    |_, _| {},
-                );
+                };
+                self.reply(&req, out, 513, "Message Too Large", |_, _| {});
             }
             _ => {
                 self.stats.dropped.fetch_add(1, Relaxed);
