@@ -23,7 +23,14 @@ fn sipp(sipd: &Sipd, transport: &str, calls: u32, rate: u32, port: u16) -> std::
             "-l",
             "500",
         ])
-        .args(["-timeout", "90s", "-timeout_error", "-nostdin"])
+        .args([
+            "-timeout",
+            "90s",
+            "-timeout_error",
+            "-nostdin",
+            "-max_socket",
+            "2000",
+        ])
         .output()
         .expect("sipp is installed (Debian package sip-tester; tests/run.sh installs it)")
 }
@@ -72,4 +79,9 @@ fn sipp_registers_distinct_users_over_udp() {
 #[test]
 fn sipp_registers_distinct_users_over_tcp() {
     run("t1", 1000);
+}
+
+#[test]
+fn sipp_registers_over_one_tcp_connection_per_user() {
+    run("tn", 1000);
 }
