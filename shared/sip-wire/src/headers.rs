@@ -170,6 +170,12 @@ fn display_name(i: &[u8]) -> IResult<&[u8], &[u8]> {
 
 impl<'a> NameAddr<'a> {
     pub fn parse(raw: &'a [u8]) -> Result<NameAddr<'a>, Malformed> {
+        Self::parse_inner(raw, true)
+    }
+
+    /// `parse` without checking the header parameters, for callers that walk them anyway
+    /// (Contact) and fail on a malformed one themselves.
+    fn parse_inner(raw: &'a [u8], check_params: bool) -> Result<NameAddr<'a>, Malformed> {
         let i = trim(raw);
         if i.is_empty() {
             return Err(Malformed);
@@ -187,7 +193,7 @@ impl<'a> NameAddr<'a> {
             if !params.is_empty() && params[0] != b';' {
                 return Err(Malformed);
             }
-            if !Params::validate(params) {
+            if check_params && !Params::validate(params) {
                 return Err(Malformed);
             }
             Ok(NameAddr {
@@ -213,7 +219,7 @@ impl<'a> NameAddr<'a> {
             if !params.is_empty() && params[0] != b';' {
                 return Err(Malformed);
             }
-            if !Params::validate(params) {
+            if check_params && !Params::validate(params) {
                 return Err(Malformed);
             }
             Ok(NameAddr {
@@ -287,7 +293,8 @@ impl<'a> Contact<'a> {
         if trim(raw) == b"*" {
             return Ok(Contact::Star);
         }
-        let addr = NameAddr::parse(raw)?;
+        // The parameters are checked by the loop below.
+        let addr = NameAddr::parse_inner(raw, false)?;
         let mut c = ContactAddr {
             addr,
             expires: None,

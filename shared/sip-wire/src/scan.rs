@@ -75,13 +75,15 @@ pub fn quoted_string(i: &[u8]) -> IResult<&[u8], &[u8]> {
         return Err(fail(i));
     }
     let mut k = 1;
-    while k < i.len() {
-        match i[k] {
-            b'"' => return Ok((&i[k + 1..], &i[..k + 1])),
-            b'\\' => k += 2,
-            // quoted-pair excludes CR/LF unless part of folding; a bare CR or LF that
-            // is not followed by WSP cannot occur in an unfolded value.
-            _ => k += 1,
+    // Jump from one quote or backslash to the next; a backslash escapes the next octet.
+    while let Some(j) = memchr::memchr2(b'"', b'\\', &i[k..]) {
+        k += j;
+        if i[k] == b'"' {
+            return Ok((&i[k + 1..], &i[..k + 1]));
+        }
+        k += 2;
+        if k >= i.len() {
+            break;
         }
     }
     Err(fail(i))
