@@ -227,6 +227,28 @@ impl Conns {
         }
     }
 
+    /// Begin closing every connection that received nothing for `idle_ms`, marking it
+    /// dirty for the driver to service. `scratch` is reused working space.
+    pub fn close_idle(
+        &mut self,
+        now: Millis,
+        idle_ms: u64,
+        stats: &IoStats,
+        scratch: &mut Vec<u32>,
+    ) {
+        self.live_slots(scratch);
+        for &slot in scratch.iter() {
+            if let Some(c) = self.slot_mut(slot)
+                && !c.closing
+                && now.saturating_sub(c.last_rx) >= idle_ms
+            {
+                begin_close(c, CloseReason::Idle, stats);
+                self.mark_dirty(slot);
+            }
+        }
+        scratch.clear();
+    }
+
     /// Queue bytes on a connection (for `Dest::Conn`).
     pub fn queue(&mut self, id: ConnId, bytes: &[u8], stats: &IoStats) {
         let max_backlog = self.max_backlog;

@@ -426,18 +426,8 @@ impl EpollDriver {
             return;
         }
         self.next_sweep = now + idle_sweep_interval(self.idle_ms, self.tick_ms);
-        let mut slots = std::mem::take(&mut self.tmp);
-        self.conns.live_slots(&mut slots);
-        for &slot in &slots {
-            if let Some(c) = self.conns.slot_mut(slot)
-                && !c.closing
-                && now.saturating_sub(c.last_rx) >= self.idle_ms
-            {
-                begin_close(c, CloseReason::Idle, stats);
-                self.service(slot, stats);
-            }
-        }
-        slots.clear();
-        self.tmp = slots;
+        self.conns
+            .close_idle(now, self.idle_ms, stats, &mut self.tmp);
+        self.service_dirty(stats);
     }
 }

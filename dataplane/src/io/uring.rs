@@ -808,19 +808,10 @@ impl UringDriver {
             return;
         }
         self.next_sweep = now + idle_sweep_interval(self.idle_ms, self.tick_ms);
-        let mut slots = std::mem::take(&mut self.tmp);
-        self.tx.conns.live_slots(&mut slots);
-        for &slot in &slots {
-            if let Some(c) = self.tx.conns.slot_mut(slot)
-                && !c.closing
-                && now.saturating_sub(c.last_rx) >= self.idle_ms
-            {
-                begin_close(c, CloseReason::Idle, stats);
-                self.service(slot, stats);
-            }
-        }
-        slots.clear();
-        self.tmp = slots;
+        self.tx
+            .conns
+            .close_idle(now, self.idle_ms, stats, &mut self.tmp);
+        self.service_dirty(stats);
     }
 
     /// Cancel every operation and reap until none is in flight, so that no kernel operation
