@@ -127,10 +127,15 @@ pub(crate) struct Conns {
     dirty: Vec<u32>,
     /// Largest write backlog per connection before it is closed as too slow.
     max_backlog: usize,
+    /// A connection that received nothing for this long is closed.
+    idle_ms: u64,
+    /// How often to look for idle connections, and when next.
+    sweep_every: u64,
+    next_sweep: Millis,
 }
 
 impl Conns {
-    pub fn new(limit: usize, max_message_size: usize) -> Conns {
+    pub fn new(limit: usize, max_message_size: usize, idle_ms: u64, tick_ms: u64) -> Conns {
         Conns {
             slots: Vec::new(),
             free: Vec::new(),
@@ -138,6 +143,9 @@ impl Conns {
             limit,
             dirty: Vec::with_capacity(64),
             max_backlog: (max_message_size * 16).max(1 << 20),
+            idle_ms,
+            sweep_every: idle_sweep_interval(idle_ms, tick_ms),
+            next_sweep: 0,
         }
     }
 
@@ -227,15 +235,15 @@ impl Conns {
         }
     }
 
-    /// Begin closing every connection that received nothing for `idle_ms`, marking it
-    /// dirty for the driver to service. `scratch` is reused working space.
-    pub fn close_idle(
-        &mut self,
-        now: Millis,
-        idle_ms: u64,
-        stats: &IoStats,
-        scratch: &mut Vec<u32>,
-    ) {
+    /// Begin closing every connection idle for the timeout, marking it dirty for the
+    /// driver to service. Looks only every `idle_sweep_interval`, not on every tick, so a
+    /// short tick does not scan every connection each time. `scratch` is working space.
+    pub fn close_idle(&mut self, now: Millis, stats: &IoStats, scratch: &mut Vec<u32>) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + self.sweep_every;
+        let idle_ms = self.idle_ms;
         self.live_slots(scratch);
         for &slot in scratch.iter() {
             if let Some(c) = self.slot_mut(slot)
@@ -353,6 +361,6 @@ pub(crate) fn pick_udp(
 
 /// How often to look for idle connections: an eighth of the timeout (so a connection is
 /// closed at most 12.5% late), between one tick and one second.
-pub(crate) fn idle_sweep_interval(idle_ms: u64, tick_ms: u64) -> u64 {
+fn idle_sweep_interval(idle_ms: u64, tick_ms: u64) -> u64 {
     (idle_ms / 8).clamp(tick_ms.min(1000), 1000)
 }

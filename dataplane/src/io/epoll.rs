@@ -6,9 +6,7 @@ use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
-use super::conn::{
-    CloseReason, Conn, Conns, begin_close, idle_sweep_interval, pick_udp, process_stream,
-};
+use super::conn::{CloseReason, Conn, Conns, begin_close, pick_udp, process_stream};
 use super::sockets::{Bound, WorkerSockets, conn_addrs, tune_accepted};
 use super::spawn::Stop;
 use super::stats::{IoStats, bump};
@@ -101,10 +99,7 @@ pub(crate) struct EpollDriver {
     scratch: Vec<u8>,
     tmp: Vec<u32>,
     max: usize,
-    idle_ms: u64,
     tick_ms: u64,
-    /// When the next idle-connection sweep is due.
-    next_sweep: Millis,
 }
 
 impl EpollDriver {
@@ -131,13 +126,16 @@ impl EpollDriver {
             // One octet more than the maximum so that an oversize datagram shows.
             rx: RecvBatch::new(BATCH, max + 1),
             tx: SendBatch::new(BATCH, max),
-            conns: Conns::new(cfg.tcp_limit_for(index), max),
+            conns: Conns::new(
+                cfg.tcp_limit_for(index),
+                max,
+                cfg.tcp_idle_timeout_ms,
+                cfg.tick_ms,
+            ),
             scratch: vec![0; max],
             tmp: Vec::with_capacity(64),
             max,
-            idle_ms: cfg.tcp_idle_timeout_ms,
             tick_ms: cfg.tick_ms,
-            next_sweep: 0,
         })
     }
 
@@ -419,15 +417,9 @@ impl EpollDriver {
         self.tmp = dirty;
     }
 
-    /// Close connections idle for the timeout. Runs every `idle_sweep_interval`, not on
-    /// every tick, so a short tick does not scan every connection each time.
+    /// Close connections idle for the timeout (`Conns::close_idle` decides when to look).
     fn sweep_idle(&mut self, now: Millis, stats: &IoStats) {
-        if now < self.next_sweep {
-            return;
-        }
-        self.next_sweep = now + idle_sweep_interval(self.idle_ms, self.tick_ms);
-        self.conns
-            .close_idle(now, self.idle_ms, stats, &mut self.tmp);
+        self.conns.close_idle(now, stats, &mut self.tmp);
         self.service_dirty(stats);
     }
 }

@@ -16,9 +16,7 @@ use io_uring::types::{BufRingEntry, CancelBuilder, Fd, RecvMsgOut, SubmitArgs, T
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use socket2::{SockAddr, Socket};
 
-use super::conn::{
-    CloseReason, Conn, Conns, begin_close, idle_sweep_interval, pick_udp, process_stream,
-};
+use super::conn::{CloseReason, Conn, Conns, begin_close, pick_udp, process_stream};
 use super::sockets::{Bound, WorkerSockets, conn_addrs, tune_accepted};
 use super::spawn::Stop;
 use super::stats::{IoStats, bump};
@@ -308,10 +306,7 @@ pub(crate) struct UringDriver {
     cqes: Vec<cqueue::Entry>,
     tmp: Vec<u32>,
     max: usize,
-    idle_ms: u64,
     tick_ms: u64,
-    /// When the next idle-connection sweep is due.
-    next_sweep: Millis,
     /// Whether the ring got SINGLE_ISSUER|DEFER_TASKRUN.
     fast_flags: bool,
 }
@@ -408,7 +403,12 @@ impl UringDriver {
             tcp_retry_at: vec![0; ntcp],
             tx: Tx {
                 pool,
-                conns: Conns::new(cfg.tcp_limit_for(index), cfg.max_message_size),
+                conns: Conns::new(
+                    cfg.tcp_limit_for(index),
+                    cfg.max_message_size,
+                    cfg.tcp_idle_timeout_ms,
+                    cfg.tick_ms,
+                ),
                 scratch: vec![0; cfg.max_message_size],
                 udp_fds: socks.udp.iter().map(|b| b.sock.as_raw_fd()).collect(),
                 udp_locals: socks.udp.iter().map(|b| b.local).collect(),
@@ -419,9 +419,7 @@ impl UringDriver {
             cqes: Vec::with_capacity(cq_cap),
             tmp: Vec::with_capacity(64),
             max: cfg.max_message_size,
-            idle_ms: cfg.tcp_idle_timeout_ms,
             tick_ms: cfg.tick_ms,
-            next_sweep: 0,
             fast_flags,
         }
     }
@@ -801,16 +799,9 @@ impl UringDriver {
         self.tmp = dirty;
     }
 
-    /// Close connections idle for the timeout. Runs every `idle_sweep_interval`, not on
-    /// every tick, so a short tick does not scan every connection each time.
+    /// Close connections idle for the timeout (`Conns::close_idle` decides when to look).
     fn sweep_idle(&mut self, now: Millis, stats: &IoStats) {
-        if now < self.next_sweep {
-            return;
-        }
-        self.next_sweep = now + idle_sweep_interval(self.idle_ms, self.tick_ms);
-        self.tx
-            .conns
-            .close_idle(now, self.idle_ms, stats, &mut self.tmp);
+        self.tx.conns.close_idle(now, stats, &mut self.tmp);
         self.service_dirty(stats);
     }
 
