@@ -391,10 +391,12 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
 
+/// The status code of a reply (0 when it is not a status line).
 pub fn status(reply: &str) -> u16 {
     reply.get(8..11).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
+/// Values of a header field in a reply, by exact name (case-insensitive).
 pub fn header_values<'a>(reply: &'a str, name: &str) -> Vec<&'a str> {
     reply
         .split("\r\n")

@@ -141,18 +141,6 @@ pub fn register(user: &str, call_id: &str, cseq: u32, extra: &[&str]) -> String 
     m
 }
 
-pub fn status(reply: &str) -> u16 {
-    reply.get(8..11).and_then(|s| s.parse().ok()).unwrap_or(0)
-}
-
-/// Values of a header in a reply (exact name).
-pub fn header_values<'a>(reply: &'a str, name: &str) -> Vec<&'a str> {
-    reply
-        .split("\r\n")
-        .filter_map(|l| {
-            l.split_once(": ")
-                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-        .collect()
-}
+/// Reading replies: the same helpers the end-to-end tests use.
+#[allow(unused_imports)]
+pub use sipmesh_tests::{header_values, status};
