@@ -512,53 +512,48 @@ impl Registrar {
         let outcome = table.update(key, |old| {
             batch.clear();
             let Some(old) = old else {
-                return Update::Keep(None);
+                return Update::Keep(Expiry::Nothing);
             };
             if old.bindings().iter().all(|b| b.expires_at > now_s) {
                 // Refreshed since this entry was set: the write that moved the expiry set
                 // its own entry, so this stale one is simply dropped.
-                return Update::Keep(None);
+                return Update::Keep(Expiry::Nothing);
             }
             let mut version = *last_version;
             let mut kept = Vec::with_capacity(old.len());
             for b in old.bindings() {
                 if b.expires_at <= now_s {
                     version = next_version(b.version.max(version), now_ms, worker);
-                    batch.push(&remove_record(
-                        node,
-                        version,
-                        now_ms,
-                        key,
-                        b,
-                        RemoveReason::Expired,
-                    ));
+                    let rec = remove_record(node, version, now_ms, key, b, RemoveReason::Expired);
+                    batch.push(&rec);
                 } else {
                     kept.push(b.clone());
                 }
             }
             if batch.frame_bytes() > free {
-                return Update::Keep(Some((u64::MAX, None)));
+                return Update::Keep(Expiry::Deferred);
             }
-            let min = kept.iter().map(|b| b.expires_at).min();
-            Update::Replace(AorRecord::new(kept), Some((version, min)))
+            let next_at = kept.iter().map(|b| b.expires_at).min();
+            Update::Replace(AorRecord::new(kept), Expiry::Removed { version, next_at })
         });
         match outcome.value {
-            Some((u64::MAX, None)) => {
+            Expiry::Nothing => {}
+            Expiry::Deferred => {
                 // The ring cannot take the records now: try again in a second.
                 self.stats.expiry_deferred.fetch_add(1, Relaxed);
                 self.wheel.insert(now_s + 1, key.clone());
             }
-            Some((version, next_at)) => {
-                if outcome.applied != sipmesh_cluster::usrloc::Applied::Kept {
-                    self.last_version = version;
-                    let _ = self.changes.push_batch(&self.batch);
-                    self.count_batch();
+            Expiry::Removed { version, next_at } => {
+                self.last_version = version;
+                if self.changes.push_batch(&self.batch).is_err() {
+                    // Unreachable: the batch was sized against the free space.
+                    debug_assert!(false, "change ring refused a batch sized to fit");
                 }
+                self.count_batch();
                 if let Some(at) = next_at {
                     self.wheel.insert(at, key.clone());
                 }
             }
-            None => {}
         }
     }
 
@@ -569,6 +564,16 @@ impl Registrar {
 }
 
 type RegisterResult = Result<(u64, Option<u32>), Reject>;
+
+/// What a timer firing for an AoR did.
+enum Expiry {
+    /// Nothing was due (a stale entry, or the AoR is gone).
+    Nothing,
+    /// Bindings were due but the change ring could not take their records.
+    Deferred,
+    /// Lapsed bindings were removed; `next_at` is when the next one lapses.
+    Removed { version: u64, next_at: Option<u32> },
+}
 
 /// Decide what one REGISTER does to the bindings of an AoR (RFC 3261 §10.3 steps 6–8),
 /// encode the change records into `batch`, and build the new record. Runs inside the table
