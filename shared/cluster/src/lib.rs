@@ -7,15 +7,23 @@
 //! * [`ring`]: a per-worker single-producer single-consumer byte ring carrying change records
 //!   from a worker to the control plane.
 //! * [`wheel`]: a sans-IO hashed timer wheel (binding expiry).
+//! * [`apply`]: replication on the receiving side — [`Usrloc::apply_remote`] merges a change
+//!   record from another node by last writer wins on the binding version (no local side
+//!   effects), and [`Usrloc::snapshot_records`] yields the records of a full sync.
+//! * [`digest`]: [`Digest`], an order-independent, incrementally maintainable digest of the
+//!   bindings ([`Usrloc::digest`]), to verify a full sync.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod apply;
 pub mod change;
+pub mod digest;
 pub mod ring;
 pub mod usrloc;
 pub mod wheel;
 
 pub use change::{Change, ChangeRecord, ChangeRecordRef, ChangeRef, RemoveReason, next_version};
+pub use digest::Digest;
 pub use ring::{ChangeBatch, ChangeConsumer, ChangeProducer, RingFull, RingStats, change_ring};
 pub use usrloc::{
     AorRecord, Applied, Binding, BindingParts, FieldTooLong, Outcome, Update, Usrloc,
