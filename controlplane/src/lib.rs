@@ -2,4 +2,11 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod mesh;
 pub mod node;
+
+/// Generated protobuf and gRPC code (`proto/sipmesh.proto`).
+pub mod pb {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("sipmesh.v1");
+}
