@@ -5,6 +5,8 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use serde::Deserialize;
+
+use crate::mesh::ClusterMode;
 use sipmesh_dataplane::io::{Backend, IoConfig};
 use sipmesh_dataplane::registrar::{MaxContactsPolicy, RegistrarConfig};
 
@@ -15,6 +17,8 @@ pub const DEFAULT_TOML: &str = include_str!("../sipd.toml");
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     node: NodeSection,
+    grpc: GrpcSection,
+    cluster: ClusterSection,
     listen: ListenSection,
     workers: WorkersSection,
     sip: SipSection,
@@ -27,6 +31,41 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct NodeSection {
     id: u16,
+    cluster: u32,
+    peer_url: String,
+    sip_addr: String,
+    seed: bool,
+    priority: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrpcSection {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberEntry {
+    id: u16,
+    url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    nodes: Vec<MemberEntry>,
+    join: Vec<String>,
+    mode: String,
+    heartbeat_interval_ms: u64,
+    heartbeat_timeout_ms: u64,
+    heartbeat_retries: u32,
+    link_up_after: u32,
+    link_state_refresh_ms: u64,
+    seed_fallback_ms: u64,
+    gap_timeout_ms: u64,
+    sync_timeout_ms: u64,
+    replay_buffer_bytes: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,10 +142,53 @@ fn err(field: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The cluster settings of one node.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub cluster_id: u32,
+    pub grpc_listen: SocketAddr,
+    /// Empty: derived from `grpc_listen` ([`Config::peer_url`]).
+    pub peer_url: String,
+    /// Empty: the first UDP listen address ([`Config::sip_addr`]).
+    pub sip_addr: String,
+    pub seed: bool,
+    pub priority: u32,
+    /// Members known at start: (node id, URL).
+    pub members: Vec<(u16, String)>,
+    /// URLs to join through at start.
+    pub join: Vec<String>,
+    pub mode: ClusterMode,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub heartbeat_retries: u32,
+    pub link_up_after: u32,
+    pub link_state_refresh_ms: u64,
+    pub seed_fallback_ms: u64,
+    pub gap_timeout_ms: u64,
+    pub sync_timeout_ms: u64,
+    pub replay_buffer_bytes: usize,
+}
+
+/// Checks a peer URL: `http://HOST:PORT` with an explicit port.
+pub fn check_peer_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("`{url}` does not start with http://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err(format!("`{url}` has no port"));
+    };
+    if host.is_empty() || host.contains('/') || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("`{url}` is not http://HOST:PORT"));
+    }
+    Ok(())
+}
+
 /// The validated configuration of one node.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub node_id: u16,
+    pub cluster: ClusterConfig,
     pub io: IoConfig,
     pub server_header: String,
     pub registrar: RegistrarConfig,
@@ -141,6 +223,28 @@ fn addrs(field: &str, v: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
 }
 
 impl Config {
+    /// The URL peers reach this node at.
+    pub fn peer_url(&self) -> String {
+        if self.cluster.peer_url.is_empty() {
+            format!("http://{}", self.cluster.grpc_listen)
+        } else {
+            self.cluster.peer_url.clone()
+        }
+    }
+
+    /// The SIP address advertised to peers.
+    pub fn sip_addr(&self) -> String {
+        if !self.cluster.sip_addr.is_empty() {
+            return self.cluster.sip_addr.clone();
+        }
+        self.io
+            .udp
+            .first()
+            .or(self.io.tcp.first())
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    }
+
     /// The embedded defaults.
     pub fn defaults() -> Config {
         Config::from_toml("").expect("embedded defaults are valid")
@@ -163,6 +267,106 @@ impl Config {
     }
 
     fn validate(f: FileConfig) -> Result<Config, ConfigError> {
+        if f.node.id == 0 {
+            return Err(err("node.id", "must be between 1 and 65535"));
+        }
+        let c = &f.cluster;
+        let grpc_listen = f.grpc.listen.parse::<SocketAddr>().map_err(|e| {
+            err(
+                "grpc.listen",
+                format!("`{}` is not an IP:port address ({e})", f.grpc.listen),
+            )
+        })?;
+        if !f.node.peer_url.is_empty() {
+            check_peer_url(&f.node.peer_url).map_err(|m| err("node.peer_url", m))?;
+        }
+        if !f.node.sip_addr.is_empty() && f.node.sip_addr.parse::<SocketAddr>().is_err() {
+            return Err(err(
+                "node.sip_addr",
+                format!("`{}` is not an IP:port address", f.node.sip_addr),
+            ));
+        }
+        let mut members = Vec::new();
+        for (i, m) in c.nodes.iter().enumerate() {
+            if m.id == 0 {
+                return Err(err(
+                    &format!("cluster.nodes[{i}].id"),
+                    "must be between 1 and 65535",
+                ));
+            }
+            check_peer_url(&m.url).map_err(|e| err(&format!("cluster.nodes[{i}].url"), e))?;
+            members.push((m.id, m.url.clone()));
+        }
+        for (i, u) in c.join.iter().enumerate() {
+            check_peer_url(u).map_err(|e| err(&format!("cluster.join[{i}]"), e))?;
+        }
+        let mode = match c.mode.as_str() {
+            "full-sharing" => ClusterMode::FullSharing,
+            "ha-pair" => ClusterMode::HaPair,
+            other => {
+                return Err(err(
+                    "cluster.mode",
+                    format!("`{other}` is not one of full-sharing, ha-pair"),
+                ));
+            }
+        };
+        for (field, v, lo, hi) in [
+            (
+                "cluster.heartbeat_interval_ms",
+                c.heartbeat_interval_ms,
+                10,
+                60_000,
+            ),
+            (
+                "cluster.heartbeat_timeout_ms",
+                c.heartbeat_timeout_ms,
+                10,
+                60_000,
+            ),
+            (
+                "cluster.heartbeat_retries",
+                u64::from(c.heartbeat_retries),
+                1,
+                100,
+            ),
+            ("cluster.link_up_after", u64::from(c.link_up_after), 1, 100),
+            (
+                "cluster.link_state_refresh_ms",
+                c.link_state_refresh_ms,
+                50,
+                600_000,
+            ),
+            ("cluster.seed_fallback_ms", c.seed_fallback_ms, 0, 3_600_000),
+            ("cluster.gap_timeout_ms", c.gap_timeout_ms, 10, 600_000),
+            ("cluster.sync_timeout_ms", c.sync_timeout_ms, 100, 600_000),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(err(field, format!("{v} is outside {lo}..={hi}")));
+            }
+        }
+        if c.replay_buffer_bytes < 1 << 16 {
+            return Err(err("cluster.replay_buffer_bytes", "must be at least 65536"));
+        }
+        let cluster = ClusterConfig {
+            cluster_id: f.node.cluster,
+            grpc_listen,
+            peer_url: f.node.peer_url.clone(),
+            sip_addr: f.node.sip_addr.clone(),
+            seed: f.node.seed,
+            priority: f.node.priority,
+            members,
+            join: c.join.clone(),
+            mode,
+            heartbeat_interval_ms: c.heartbeat_interval_ms,
+            heartbeat_timeout_ms: c.heartbeat_timeout_ms,
+            heartbeat_retries: c.heartbeat_retries,
+            link_up_after: c.link_up_after,
+            link_state_refresh_ms: c.link_state_refresh_ms,
+            seed_fallback_ms: c.seed_fallback_ms,
+            gap_timeout_ms: c.gap_timeout_ms,
+            sync_timeout_ms: c.sync_timeout_ms,
+            replay_buffer_bytes: c.replay_buffer_bytes,
+        };
         let udp = addrs("listen.udp", &f.listen.udp)?;
         let tcp = addrs("listen.tcp", &f.listen.tcp)?;
         if udp.is_empty() && tcp.is_empty() {
@@ -261,6 +465,7 @@ impl Config {
         }
         Ok(Config {
             node_id: f.node.id,
+            cluster,
             io: IoConfig {
                 udp,
                 tcp,
@@ -330,6 +535,19 @@ mod tests {
             (
                 "[usrloc]\nchange_ring_bytes = 10\n",
                 "usrloc.change_ring_bytes",
+            ),
+            ("[node]\nid = 0\n", "node.id"),
+            ("[grpc]\nlisten = \"x\"\n", "grpc.listen"),
+            ("[node]\npeer_url = \"ftp://a:1\"\n", "node.peer_url"),
+            (
+                "[cluster]\nnodes = [{ id = 2, url = \"http://a\" }]\n",
+                "cluster.nodes[0].url",
+            ),
+            ("[cluster]\njoin = [\"nope\"]\n", "cluster.join[0]"),
+            ("[cluster]\nmode = \"mesh\"\n", "cluster.mode"),
+            (
+                "[cluster]\nheartbeat_retries = 0\n",
+                "cluster.heartbeat_retries",
             ),
         ];
         for (text, field) in cases {

@@ -1,21 +1,19 @@
 //! Starting a node: the shared tables, the change rings, the workers, and the control
-//! thread that drains the change stream.
+//! plane that drains the change stream into replication and serves gRPC.
 
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use sipmesh_cluster::NodeId;
 use sipmesh_cluster::change::{Change, ChangeRecord};
-use sipmesh_cluster::ring::{ChangeConsumer, ChangeProducer, change_ring};
+use sipmesh_cluster::ring::{ChangeProducer, change_ring};
 use sipmesh_cluster::usrloc::Usrloc;
 use sipmesh_dataplane::core::{Core, CoreConfig, CoreStats};
 use sipmesh_dataplane::io::{self, Workers};
 use sipmesh_dataplane::registrar::{Registrar, RegistrarStats};
 
 use crate::config::Config;
+use crate::grpc::{ControlOptions, ControlPlane, ControlStats};
 
 /// Options that are not part of the configuration file.
 #[derive(Debug, Clone, Default)]
@@ -31,9 +29,12 @@ pub struct Node {
     pub usrloc: Arc<Usrloc>,
     pub core_stats: Vec<Arc<CoreStats>>,
     pub registrar_stats: Vec<Arc<RegistrarStats>>,
-    pub changes_drained: Arc<AtomicU64>,
+    pub control_stats: Arc<ControlStats>,
+    /// The gRPC address the control plane listens on.
+    pub grpc_addr: std::net::SocketAddr,
     shutdown: Arc<AtomicBool>,
-    control: Option<JoinHandle<()>>,
+    workers_done: Arc<AtomicBool>,
+    control: Option<ControlPlane>,
 }
 
 impl Node {
@@ -83,14 +84,24 @@ impl Node {
                 Core::new(core_cfg.clone(), registrar, core_stats[i].clone())
             }
         };
-        let workers = io::spawn_workers(&config.io, make, shutdown.clone())?;
-        let changes_drained = Arc::new(AtomicU64::new(0));
-        let control = {
-            let shutdown = shutdown.clone();
-            let drained = changes_drained.clone();
-            std::thread::Builder::new()
-                .name("sipd-control".into())
-                .spawn(move || drain_loop(consumers, shutdown, drained, opts))?
+        let workers_done = Arc::new(AtomicBool::new(false));
+        // The gRPC listener is bound first, so that a taken port fails the start cleanly.
+        let control = ControlPlane::start(
+            &config,
+            usrloc.clone(),
+            consumers,
+            ControlOptions {
+                dump_changes: opts.dump_changes,
+            },
+            workers_done.clone(),
+        )?;
+        let workers = match io::spawn_workers(&config.io, make, shutdown.clone()) {
+            Ok(w) => w,
+            Err(e) => {
+                workers_done.store(true, Ordering::SeqCst);
+                control.join();
+                return Err(e);
+            }
         };
         Ok(Node {
             config,
@@ -98,8 +109,10 @@ impl Node {
             usrloc,
             core_stats,
             registrar_stats,
-            changes_drained,
+            control_stats: control.stats.clone(),
+            grpc_addr: control.grpc_addr,
             shutdown,
+            workers_done,
             control: Some(control),
         })
     }
@@ -112,47 +125,12 @@ impl Node {
     pub fn stop(mut self) -> std::io::Result<()> {
         self.shutdown.store(true, Ordering::SeqCst);
         let r = self.workers.join();
+        // Workers are gone: the control plane drains what they left and stops.
+        self.workers_done.store(true, Ordering::SeqCst);
         if let Some(c) = self.control.take() {
-            let _ = c.join();
+            c.join();
         }
         r
-    }
-}
-
-/// The control thread: drain every worker's change ring. Replication and persistence
-/// consume this stream in later stages; here it is counted and, on request, printed.
-fn drain_loop(
-    mut rings: Vec<ChangeConsumer>,
-    shutdown: Arc<AtomicBool>,
-    drained: Arc<AtomicU64>,
-    opts: RunOptions,
-) {
-    let stdout = std::io::stdout();
-    loop {
-        let stopping = shutdown.load(Ordering::SeqCst);
-        let mut got = 0u64;
-        for r in &mut rings {
-            got += r.drain(|rec| {
-                if opts.dump_changes {
-                    let mut out = stdout.lock();
-                    let _ = writeln!(out, "{}", format_change(&rec));
-                }
-            }) as u64;
-        }
-        if got > 0 {
-            drained.fetch_add(got, Ordering::Relaxed);
-            if opts.dump_changes {
-                let _ = stdout.lock().flush();
-            }
-        }
-        // Workers are joined before the flag is seen twice here; one last pass after
-        // they stop picks up the final records.
-        if stopping && rings.iter().all(|r| r.is_empty() && r.is_abandoned()) {
-            break;
-        }
-        if got == 0 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 }
 

@@ -32,8 +32,16 @@ pub fn sipd_bin() -> PathBuf {
         {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "sipmesh-controlplane", "--bin", "sipd"])
-                .current_dir(repo_root());
+            cmd.args([
+                "build",
+                "-p",
+                "sipmesh-controlplane",
+                "--bin",
+                "sipd",
+                "--bin",
+                "sipctl",
+            ])
+            .current_dir(repo_root());
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -73,10 +81,17 @@ pub fn client_ip() -> Ipv4Addr {
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(5060);
 
+/// Path of the `sipctl` binary of this build (built together with `sipd`).
+pub fn sipctl_bin() -> PathBuf {
+    sipd_bin().with_file_name("sipctl")
+}
+
 /// A running sipd, stopped (SIGTERM, then SIGKILL after 10 s) when dropped.
 pub struct Sipd {
     child: Child,
     pub addr: SocketAddr,
+    /// Its gRPC control-plane address.
+    pub grpc: SocketAddr,
     stdout_lines: Arc<Mutex<Vec<String>>>,
     stdout_rx: Receiver<String>,
     pub stderr: Arc<Mutex<String>>,
@@ -119,6 +134,14 @@ impl Sipd {
             }
             None => Command::new(sipd_bin()),
         };
+        // The gRPC port sits 40000 above the SIP port on the same address unless given.
+        let grpc = match extra_args.iter().position(|a| *a == "--grpc") {
+            Some(i) => extra_args[i + 1].parse().expect("--grpc IP:PORT"),
+            None => SocketAddr::new(addr.ip(), addr.port() + 40000),
+        };
+        if !extra_args.contains(&"--grpc") {
+            cmd.arg("--grpc").arg(grpc.to_string());
+        }
         let mut child = cmd
             .arg("--config")
             .arg(&cfg_path)
@@ -163,6 +186,7 @@ impl Sipd {
         let s = Sipd {
             child,
             addr,
+            grpc,
             stdout_lines,
             stdout_rx,
             stderr,
@@ -175,6 +199,29 @@ impl Sipd {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Runs `sipctl --server <this node> ARGS`; returns its standard output, or the error
+    /// output when it fails.
+    pub fn sipctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(sipctl_bin())
+            .arg("--server")
+            .arg(self.grpc.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Kills the process with SIGKILL (only this harness's own child, by PID) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Is the process still running?

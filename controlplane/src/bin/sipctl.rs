@@ -1,1 +1,492 @@
-fn main() {}
+//! `sipctl`: the operator's client of a node's gRPC `Admin` service.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use sipmesh_controlplane::pb;
+use sipmesh_controlplane::pb::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+const HELP: &str = "\
+sipctl - operate a sipmesh node through its gRPC control plane
+
+USAGE:
+    sipctl [--server ADDR:PORT] [--json] COMMAND
+
+COMMANDS:
+    node list              every node: state, link, next hop, capabilities
+    node remove ID         remove a node from the cluster (on every node)
+    node disable           take this node out without it looking failed
+    node enable            bring it back
+    topology               the link-state database: who sees whom
+    sync status            per capability: sync state, objects, digest, repairs
+    sync request CAP       full sync of CAP (usrloc) from a donor now
+    events                 node up/down, link and sync events, with reasons
+    usrloc dump [AOR]      registered contacts (all, or one address-of-record)
+
+OPTIONS:
+    -s, --server ADDR:PORT node to talk to (default 127.0.0.1:50051)
+        --json             JSON instead of tables
+    -h, --help             this text
+";
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("sipctl: {msg}");
+    std::process::exit(1);
+}
+
+/// A minimal JSON value for `--json` output.
+enum Json {
+    Str(String),
+    Num(u64),
+    Bool(bool),
+    Arr(Vec<Json>),
+    Obj(Vec<(&'static str, Json)>),
+}
+
+impl Json {
+    fn write(&self, out: &mut String) {
+        match self {
+            Json::Str(s) => {
+                out.push('"');
+                for c in s.chars() {
+                    match c {
+                        '"' => out.push_str("\\\""),
+                        '\\' => out.push_str("\\\\"),
+                        '\n' => out.push_str("\\n"),
+                        c if (c as u32) < 0x20 => {
+                            let _ = write!(out, "\\u{:04x}", c as u32);
+                        }
+                        c => out.push(c),
+                    }
+                }
+                out.push('"');
+            }
+            Json::Num(n) => {
+                let _ = write!(out, "{n}");
+            }
+            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Json::Arr(v) => {
+                out.push('[');
+                for (i, x) in v.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    x.write(out);
+                }
+                out.push(']');
+            }
+            Json::Obj(v) => {
+                out.push('{');
+                for (i, (k, x)) in v.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    Json::Str((*k).to_string()).write(out);
+                    out.push(':');
+                    x.write(out);
+                }
+                out.push('}');
+            }
+        }
+    }
+}
+
+fn s(v: impl Into<String>) -> Json {
+    Json::Str(v.into())
+}
+
+/// Prints rows as an aligned table.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{:<width$}  ", c, width = w[i]);
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::SyncState::try_from(s) {
+        Ok(pb::SyncState::Synced) => "synced",
+        Ok(pb::SyncState::Syncing) => "syncing",
+        _ => "not-synced",
+    }
+}
+
+fn caps_text(caps: &[pb::CapabilityState]) -> String {
+    caps.iter()
+        .map(|c| format!("{}={}", c.name, state_name(c.state)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn caps_json(caps: &[pb::CapabilityState]) -> Json {
+    Json::Arr(
+        caps.iter()
+            .map(|c| {
+                Json::Obj(vec![
+                    ("name", s(c.name.clone())),
+                    ("state", s(state_name(c.state))),
+                    ("newest_version", Json::Num(c.newest_version)),
+                ])
+            })
+            .collect(),
+    )
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut server = "127.0.0.1:50051".to_string();
+    let mut json = false;
+    let mut rest = Vec::new();
+    let mut it = args.drain(..);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-s" | "--server" => {
+                server = it.next().unwrap_or_else(|| fail("--server needs a value"))
+            }
+            "--json" => json = true,
+            "-h" | "--help" => {
+                print!("{HELP}");
+                return;
+            }
+            _ => rest.push(a),
+        }
+    }
+    if rest.is_empty() {
+        print!("{HELP}");
+        std::process::exit(2);
+    }
+    let url = if server.starts_with("http://") {
+        server.clone()
+    } else {
+        format!("http://{server}")
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(e));
+    rt.block_on(async move {
+        let ch = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap_or_else(|e| fail(format!("--server {server}: {e}")))
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .unwrap_or_else(|e| fail(format!("cannot reach {server}: {e}")));
+        let words: Vec<&str> = rest.iter().map(String::as_str).collect();
+        if let Err(st) = run(AdminClient::new(ch), &words, json).await {
+            fail(format!("{}: {}", server, st.message()));
+        }
+    });
+}
+
+async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<(), tonic::Status> {
+    let e = pb::Empty {};
+    let print = |j: Json| {
+        let mut out = String::new();
+        j.write(&mut out);
+        println!("{out}");
+    };
+    match words {
+        ["node", "list"] | ["nodes"] => {
+            let r = c.list_nodes(e).await?.into_inner();
+            if json {
+                print(Json::Arr(
+                    r.nodes
+                        .iter()
+                        .map(|n| {
+                            let i = n.node.clone().unwrap_or_default();
+                            Json::Obj(vec![
+                                ("node_id", Json::Num(u64::from(i.node_id))),
+                                ("local", Json::Bool(n.local)),
+                                ("state", s(n.state.clone())),
+                                ("link", s(n.link.clone())),
+                                ("next_hop", Json::Num(u64::from(n.next_hop))),
+                                ("peer_url", s(i.peer_url)),
+                                ("sip_addr", s(i.sip_addr)),
+                                ("seed", Json::Bool(i.seed)),
+                                ("rtt_us", Json::Num(n.rtt_us)),
+                                ("capabilities", caps_json(&n.capabilities)),
+                            ])
+                        })
+                        .collect(),
+                ));
+            } else {
+                table(
+                    &[
+                        "NODE",
+                        "STATE",
+                        "LINK",
+                        "NEXT-HOP",
+                        "RTT",
+                        "PEER-URL",
+                        "SIP",
+                        "CAPABILITIES",
+                    ],
+                    r.nodes
+                        .iter()
+                        .map(|n| {
+                            let i = n.node.clone().unwrap_or_default();
+                            vec![
+                                format!("{}{}", i.node_id, if n.local { "*" } else { "" }),
+                                n.state.clone(),
+                                n.link.clone(),
+                                if n.next_hop == 0 {
+                                    "-".into()
+                                } else {
+                                    n.next_hop.to_string()
+                                },
+                                if n.local {
+                                    "-".into()
+                                } else {
+                                    format!("{:.1}ms", n.rtt_us as f64 / 1000.0)
+                                },
+                                i.peer_url,
+                                i.sip_addr,
+                                caps_text(&n.capabilities),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        ["node", "remove", id] => {
+            let node_id = id
+                .parse()
+                .map_err(|_| tonic::Status::invalid_argument(format!("`{id}` is not a node id")))?;
+            c.remove_node(pb::NodeIdArg { node_id }).await?;
+            println!("node {id} removed");
+        }
+        ["node", "disable"] | ["node", "enable"] => {
+            let enabled = words[1] == "enable";
+            c.set_node_enabled(pb::EnabledArg { enabled }).await?;
+            println!("node {}", if enabled { "enabled" } else { "disabled" });
+        }
+        ["topology"] => {
+            let r = c.topology(e).await?.into_inner();
+            if json {
+                print(Json::Obj(vec![
+                    ("local", Json::Num(u64::from(r.local))),
+                    (
+                        "nodes",
+                        Json::Arr(
+                            r.nodes
+                                .iter()
+                                .map(|a| {
+                                    Json::Obj(vec![
+                                        ("node_id", Json::Num(u64::from(a.node_id))),
+                                        ("seq", Json::Num(a.seq)),
+                                        (
+                                            "up_links",
+                                            Json::Arr(
+                                                a.up_links
+                                                    .iter()
+                                                    .map(|l| Json::Num(u64::from(*l)))
+                                                    .collect(),
+                                            ),
+                                        ),
+                                    ])
+                                })
+                                .collect(),
+                        ),
+                    ),
+                ]));
+            } else {
+                table(
+                    &["NODE", "SEQ", "UP-LINKS"],
+                    r.nodes
+                        .iter()
+                        .map(|a| {
+                            vec![
+                                format!(
+                                    "{}{}",
+                                    a.node_id,
+                                    if a.node_id == r.local { "*" } else { "" }
+                                ),
+                                a.seq.to_string(),
+                                a.up_links
+                                    .iter()
+                                    .map(|l| l.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        ["sync", "status"] => {
+            let r = c.sync_status(e).await?.into_inner();
+            if json {
+                print(Json::Arr(
+                    r.capabilities
+                        .iter()
+                        .map(|x| {
+                            Json::Obj(vec![
+                                ("name", s(x.name.clone())),
+                                ("state", s(state_name(x.state))),
+                                ("donor", Json::Num(u64::from(x.donor))),
+                                ("count", Json::Num(x.count)),
+                                ("digest", s(format!("{:016x}", x.digest))),
+                                ("syncs_completed", Json::Num(x.syncs_completed)),
+                                ("syncs_failed", Json::Num(x.syncs_failed)),
+                                ("gaps_repaired", Json::Num(x.gaps_repaired)),
+                                ("records_applied", Json::Num(x.records_applied)),
+                                ("last_result", s(x.last_result.clone())),
+                            ])
+                        })
+                        .collect(),
+                ));
+            } else {
+                table(
+                    &[
+                        "CAPABILITY",
+                        "STATE",
+                        "DONOR",
+                        "OBJECTS",
+                        "DIGEST",
+                        "SYNCS",
+                        "FAILED",
+                        "GAPS-REPAIRED",
+                        "APPLIED",
+                        "LAST",
+                    ],
+                    r.capabilities
+                        .iter()
+                        .map(|x| {
+                            vec![
+                                x.name.clone(),
+                                state_name(x.state).into(),
+                                if x.donor == 0 {
+                                    "-".into()
+                                } else {
+                                    x.donor.to_string()
+                                },
+                                x.count.to_string(),
+                                format!("{:016x}", x.digest),
+                                x.syncs_completed.to_string(),
+                                x.syncs_failed.to_string(),
+                                x.gaps_repaired.to_string(),
+                                x.records_applied.to_string(),
+                                x.last_result.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        ["sync", "request", cap] => {
+            c.sync_request(pb::SyncRequestArgs {
+                capability: cap.to_string(),
+            })
+            .await?;
+            println!("full sync of {cap} requested");
+        }
+        ["events"] => {
+            let r = c.events(e).await?.into_inner();
+            if json {
+                print(Json::Arr(
+                    r.events
+                        .iter()
+                        .map(|x| {
+                            Json::Obj(vec![
+                                ("at_ms", Json::Num(x.at_ms)),
+                                ("node_id", Json::Num(u64::from(x.node_id))),
+                                ("kind", s(x.kind.clone())),
+                                ("reason", s(x.reason.clone())),
+                            ])
+                        })
+                        .collect(),
+                ));
+            } else {
+                table(
+                    &["AT(unix ms)", "NODE", "EVENT", "REASON"],
+                    r.events
+                        .iter()
+                        .map(|x| {
+                            vec![
+                                x.at_ms.to_string(),
+                                x.node_id.to_string(),
+                                x.kind.clone(),
+                                x.reason.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        ["usrloc", "dump"] | ["usrloc", "dump", _] => {
+            let aor = words.get(2).map(|a| a.to_string()).unwrap_or_default();
+            let r = c
+                .usrloc_dump(pb::UsrlocDumpArgs { aor })
+                .await?
+                .into_inner();
+            if json {
+                print(Json::Arr(
+                    r.aors
+                        .iter()
+                        .map(|a| {
+                            Json::Obj(vec![
+                                ("aor", s(a.aor.clone())),
+                                (
+                                    "contacts",
+                                    Json::Arr(
+                                        a.contacts
+                                            .iter()
+                                            .map(|b| {
+                                                Json::Obj(vec![
+                                                    ("contact", s(b.contact.clone())),
+                                                    ("expires_at", Json::Num(b.expires_at)),
+                                                    ("version", Json::Num(b.version)),
+                                                    ("origin", Json::Num(u64::from(b.origin))),
+                                                    ("call_id", s(b.call_id.clone())),
+                                                    ("cseq", Json::Num(u64::from(b.cseq))),
+                                                ])
+                                            })
+                                            .collect(),
+                                    ),
+                                ),
+                            ])
+                        })
+                        .collect(),
+                ));
+            } else {
+                let mut rows = Vec::new();
+                for a in &r.aors {
+                    for b in &a.contacts {
+                        rows.push(vec![
+                            a.aor.clone(),
+                            b.contact.clone(),
+                            b.expires_at.to_string(),
+                            b.origin.to_string(),
+                            b.version.to_string(),
+                        ]);
+                    }
+                }
+                table(&["AOR", "CONTACT", "EXPIRES-AT", "ORIGIN", "VERSION"], rows);
+            }
+        }
+        _ => {
+            eprint!("{HELP}");
+            std::process::exit(2);
+        }
+    }
+    Ok(())
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mimalloc::MiMalloc;
-use sipmesh_controlplane::config::{Config, DEFAULT_TOML};
+use sipmesh_controlplane::config::{Config, DEFAULT_TOML, check_peer_url};
 use sipmesh_controlplane::node::{Node, RunOptions};
 use sipmesh_dataplane::io::Backend;
 
@@ -26,11 +26,21 @@ OPTIONS:
                            (see --print-defaults)
     -l, --listen ADDR      listen on ADDR (IP:port) for UDP and TCP instead of the
                            configured addresses; repeatable
+        --sip ADDR         the same as --listen
         --udp ADDR         listen on ADDR for UDP only; repeatable
         --tcp ADDR         listen on ADDR for TCP only; repeatable
     -w, --workers N        worker threads (0 = one per core)
         --backend B        auto | io_uring | epoll
         --no-pin           do not pin workers to cores
+        --node-id N        node id (1..65535), overriding node.id
+        --grpc ADDR        gRPC listen address for peers and sipctl
+                           (default 127.0.0.1:50051)
+        --peer-url URL     URL peers reach this node at (default http://<grpc>)
+        --join URL         join the cluster through this member (any one is
+                           enough); repeatable; `IP:PORT` means http://IP:PORT
+        --seed             this node may declare itself synced when no donor
+                           answers within cluster.seed_fallback_ms
+        --cluster-id N     cluster id (default 1)
         --dump-changes     print every change record (binding added, refreshed,
                            removed, expired) on standard output
         --check-config     validate the configuration and exit
@@ -58,6 +68,12 @@ fn main() {
     let mut no_pin = false;
     let mut opts = RunOptions::default();
     let mut check_only = false;
+    let mut node_id: Option<String> = None;
+    let mut grpc: Option<String> = None;
+    let mut peer_url: Option<String> = None;
+    let mut cluster_id: Option<String> = None;
+    let mut join: Vec<String> = Vec::new();
+    let mut seed = false;
     while let Some(a) = args.next() {
         let mut value = |name: &str| {
             args.next()
@@ -65,7 +81,13 @@ fn main() {
         };
         match a.as_str() {
             "-c" | "--config" => config_path = Some(value(&a)),
-            "-l" | "--listen" => listen.push(value(&a)),
+            "-l" | "--listen" | "--sip" => listen.push(value(&a)),
+            "--node-id" => node_id = Some(value(&a)),
+            "--grpc" => grpc = Some(value(&a)),
+            "--peer-url" => peer_url = Some(value(&a)),
+            "--cluster-id" => cluster_id = Some(value(&a)),
+            "--join" => join.push(value(&a)),
+            "--seed" => seed = true,
             "--udp" => udp.push(value(&a)),
             "--tcp" => tcp.push(value(&a)),
             "-w" | "--workers" => workers = Some(value(&a)),
@@ -132,6 +154,38 @@ fn main() {
     if no_pin {
         cfg.io.pin_cores = false;
     }
+    if let Some(n) = node_id {
+        cfg.node_id = match n.parse::<u16>() {
+            Ok(v) if v != 0 => v,
+            _ => fail(format!("--node-id: `{n}` is not a node id (1..65535)")),
+        };
+    }
+    if let Some(n) = cluster_id {
+        cfg.cluster.cluster_id = n
+            .parse()
+            .unwrap_or_else(|_| fail(format!("--cluster-id: `{n}` is not a number")));
+    }
+    if let Some(g) = grpc {
+        cfg.cluster.grpc_listen = g
+            .parse()
+            .unwrap_or_else(|e| fail(format!("--grpc: `{g}` is not an IP:port address ({e})")));
+    }
+    if let Some(u) = peer_url {
+        check_peer_url(&u).unwrap_or_else(|e| fail(format!("--peer-url: {e}")));
+        cfg.cluster.peer_url = u;
+    }
+    for j in join {
+        let url = if j.starts_with("http://") {
+            j
+        } else {
+            format!("http://{j}")
+        };
+        check_peer_url(&url).unwrap_or_else(|e| fail(format!("--join: {e}")));
+        cfg.cluster.join.push(url);
+    }
+    if seed {
+        cfg.cluster.seed = true;
+    }
     if check_only {
         println!("configuration ok");
         return;
@@ -146,10 +200,11 @@ fn main() {
     let node = Node::start(cfg, opts, shutdown.clone()).unwrap_or_else(|e| fail(e));
     let backends: Vec<&str> = node.workers.backends().iter().map(|b| b.as_str()).collect();
     eprintln!(
-        "sipd: node {} listening udp {:?} tcp {:?} with {} workers ({})",
+        "sipd: node {} listening udp {:?} tcp {:?} grpc {} with {} workers ({})",
         node.config.node_id,
         node.workers.udp_addrs(),
         node.workers.tcp_addrs(),
+        node.grpc_addr,
         node.workers.len(),
         backends.join(",")
     );
@@ -157,7 +212,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let usrloc = node.usrloc.clone();
-    let drained = node.changes_drained.clone();
+    let drained = node.control_stats.clone();
     let stats: Vec<_> = node.core_stats.clone();
     if let Err(e) = node.stop() {
         eprintln!("sipd: worker error: {e}");
@@ -170,6 +225,6 @@ fn main() {
         "sipd: stopped; {req} requests, {} bindings in {} AoRs, {} change records drained",
         usrloc.bindings(),
         usrloc.aors(),
-        drained.load(Ordering::Relaxed)
+        drained.drained.load(Ordering::Relaxed)
     );
 }

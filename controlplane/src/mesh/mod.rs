@@ -90,6 +90,9 @@ pub struct MeshConfig {
     pub mode: ClusterMode,
     /// Events kept.
     pub history: usize,
+    /// This node was told to join through a member: knowing no member yet does not make
+    /// it a standalone node (which is synced at once).
+    pub joining: bool,
 }
 
 impl MeshConfig {
@@ -112,6 +115,7 @@ impl MeshConfig {
             pending_bytes: 64 << 20,
             mode: ClusterMode::FullSharing,
             history: 256,
+            joining: false,
         }
     }
 }
@@ -411,7 +415,11 @@ impl Mesh {
                     },
                 );
                 self.actions.push(Action::Connect(info.clone()));
-                self.event(id, "node-joined", format!("member {} at {}", id.0, info.peer_url));
+                self.event(
+                    id,
+                    "node-joined",
+                    format!("member {} at {}", id.0, info.peer_url),
+                );
                 self.lsa_dirty = true;
                 true
             }
@@ -536,7 +544,12 @@ impl Mesh {
             node: self.cfg.me.clone(),
             incarnation: self.cfg.incarnation,
             seq: self.lsa_seq,
-            up_links: self.peers.iter().filter(|(_, p)| p.link.up).map(|(id, _)| *id).collect(),
+            up_links: self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.link.up)
+                .map(|(id, _)| *id)
+                .collect(),
             disabled: self.disabled,
             caps: self
                 .caps
@@ -567,7 +580,12 @@ impl Mesh {
         self.lsa_next = self.now + self.cfg.lsa_refresh;
         let ad = self.own_ad();
         let me = self.id();
-        let links: Vec<NodeId> = self.peers.iter().filter(|(_, p)| p.link.up).map(|(id, _)| *id).collect();
+        let links: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.link.up)
+            .map(|(id, _)| *id)
+            .collect();
         for l in links {
             self.send_direct(l, me, FLOOD, Body::LinkState(Box::new(ad.clone())));
         }
@@ -630,7 +648,10 @@ impl Mesh {
                         "gap",
                         format!("node {} no longer holds records from {from}", env.src.0),
                     );
-                    self.resync(Capability::Usrloc, format!("node {} cannot resend", env.src.0));
+                    self.resync(
+                        Capability::Usrloc,
+                        format!("node {} cannot resend", env.src.0),
+                    );
                 }
             }
         }
@@ -684,7 +705,10 @@ impl Mesh {
             return;
         }
         for r in &ad.removed {
-            self.apply_removal(*r, format!("removed by an operator (learned from node {})", origin.0));
+            self.apply_removal(
+                *r,
+                format!("removed by an operator (learned from node {})", origin.0),
+            );
         }
         if self.removed.contains_key(&self.id())
             && self.removed.get(&self.id()).copied() >= Some(self.cfg.incarnation)
@@ -741,8 +765,16 @@ impl Mesh {
         if ad.disabled != was_disabled {
             self.event(
                 origin,
-                if ad.disabled { "node-disabled" } else { "node-enabled" },
-                format!("node {} {} by an operator", origin.0, if ad.disabled { "disabled" } else { "enabled" }),
+                if ad.disabled {
+                    "node-disabled"
+                } else {
+                    "node-enabled"
+                },
+                format!(
+                    "node {} {} by an operator",
+                    origin.0,
+                    if ad.disabled { "disabled" } else { "enabled" }
+                ),
             );
         }
         self.recompute_routes();
@@ -756,7 +788,11 @@ impl Mesh {
         if r.id == self.id() {
             if r.incarnation >= self.cfg.incarnation {
                 self.removed.insert(r.id, r.incarnation);
-                self.event(r.id, "node-removed", "this node was removed from the cluster".into());
+                self.event(
+                    r.id,
+                    "node-removed",
+                    "this node was removed from the cluster".into(),
+                );
             }
             return;
         }
@@ -777,21 +813,25 @@ impl Mesh {
         let me = self.id();
         let adj = |id: NodeId, peers: &BTreeMap<NodeId, Peer>| -> Vec<NodeId> {
             if id == me {
-                return peers.iter().filter(|(_, p)| p.link.up).map(|(i, _)| *i).collect();
+                return peers
+                    .iter()
+                    .filter(|(_, p)| p.link.up)
+                    .map(|(i, _)| *i)
+                    .collect();
             }
             let Some(ad) = peers.get(&id).and_then(|p| p.lsa.as_ref()) else {
                 return Vec::new();
             };
             ad.up_links.clone()
         };
-        let lists = |a: NodeId, b: NodeId, peers: &BTreeMap<NodeId, Peer>| adj(a, peers).contains(&b);
+        let lists =
+            |a: NodeId, b: NodeId, peers: &BTreeMap<NodeId, Peer>| adj(a, peers).contains(&b);
         let mut hop: BTreeMap<NodeId, NodeId> = BTreeMap::new();
         let mut queue = VecDeque::new();
+        // An answered ping already proves both directions of a direct link.
         for n in adj(me, &self.peers) {
-            if lists(n, me, &self.peers) || self.peers.get(&n).is_some_and(|p| p.lsa.is_none()) {
-                hop.insert(n, n);
-                queue.push_back(n);
-            }
+            hop.insert(n, n);
+            queue.push_back(n);
         }
         while let Some(a) = queue.pop_front() {
             let first = hop[&a];
@@ -821,13 +861,16 @@ impl Mesh {
                 } else if p.link.down_reason.is_empty() {
                     "no path".to_string()
                 } else {
-                    format!("direct link down ({}) and no relay path", p.link.down_reason)
+                    format!(
+                        "direct link down ({}) and no relay path",
+                        p.link.down_reason
+                    )
                 };
-                events.push((*id, reachable, reason));
+                events.push((*id, if reachable { "node-up" } else { "node-down" }, reason));
             } else if reachable && p.next_hop != nh {
                 events.push((
                     *id,
-                    true,
+                    "route-changed",
                     match nh {
                         Some(n) if n == *id => "direct link up".to_string(),
                         Some(n) => format!("route changed: via node {}", n.0),
@@ -838,8 +881,7 @@ impl Mesh {
             p.reachable = reachable;
             p.next_hop = nh;
         }
-        for (id, up, reason) in events {
-            let kind = if up { "node-up" } else { "node-down" };
+        for (id, kind, reason) in events {
             self.event(id, kind, reason);
         }
     }
@@ -962,7 +1004,10 @@ impl Mesh {
         if batch.first_seq > inb.next_seq {
             let first = batch.first_seq;
             if inb.pending_bytes + batch.records.len() > max {
-                let reason = format!("more than {max} bytes held behind a gap from node {}", origin.0);
+                let reason = format!(
+                    "more than {max} bytes held behind a gap from node {}",
+                    origin.0
+                );
                 self.resync(cap, reason);
                 return;
             }
@@ -983,7 +1028,10 @@ impl Mesh {
         self.event(
             origin,
             "gap",
-            format!("missing records {from}..={to} from node {}: asked again", origin.0),
+            format!(
+                "missing records {from}..={to} from node {}: asked again",
+                origin.0
+            ),
         );
         self.send_to(
             origin,
@@ -1013,7 +1061,11 @@ impl Mesh {
                     let skip = (inb.next_seq.saturating_sub(b.first_seq)) as u32;
                     applied += u64::from(b.count - skip);
                     inb.next_seq = b.end_seq();
-                    out.push(Action::Apply { cap, batch: b, skip });
+                    out.push(Action::Apply {
+                        cap,
+                        batch: b,
+                        skip,
+                    });
                 }
                 if let Some((&k, _)) = inb.pending.first_key_value()
                     && k <= inb.next_seq
@@ -1082,11 +1134,19 @@ impl Mesh {
         for (id, inc, from, to) in hinted {
             self.request_resend(id, inc, from, to);
         }
-        if !expired.is_empty() && self.caps.get(&Capability::Usrloc).is_some_and(|c| c.state == SyncState::Synced) {
+        if !expired.is_empty()
+            && self
+                .caps
+                .get(&Capability::Usrloc)
+                .is_some_and(|c| c.state == SyncState::Synced)
+        {
             let who: Vec<String> = expired.iter().map(|i| i.0.to_string()).collect();
             self.resync(
                 Capability::Usrloc,
-                format!("gap from node {} not repaired within {timeout} ms", who.join(",")),
+                format!(
+                    "gap from node {} not repaired within {timeout} ms",
+                    who.join(",")
+                ),
             );
         }
     }
@@ -1125,7 +1185,9 @@ impl Mesh {
         let now = self.now;
         let me = self.cfg.me.clone();
         for cap in Capability::ALL {
-            let Some(c) = self.caps.get(&cap) else { continue };
+            let Some(c) = self.caps.get(&cap) else {
+                continue;
+            };
             if c.state != SyncState::NotSynced || now < c.retry_at {
                 continue;
             }
@@ -1135,15 +1197,24 @@ impl Mesh {
                 .filter(|(_, p)| p.reachable && p.link.up)
                 .filter(|(_, p)| {
                     p.lsa.as_ref().is_some_and(|a| {
-                        !a.disabled && a.caps.iter().any(|x| x.cap == cap && x.state == SyncState::Synced)
+                        !a.disabled
+                            && a.caps
+                                .iter()
+                                .any(|x| x.cap == cap && x.state == SyncState::Synced)
                     })
                 })
                 .map(|(id, _)| *id)
                 .collect();
             if !donors.is_empty() {
-                let fresh: Vec<NodeId> = donors.iter().copied().filter(|d| !c.tried.contains(d)).collect();
+                let fresh: Vec<NodeId> = donors
+                    .iter()
+                    .copied()
+                    .filter(|d| !c.tried.contains(d))
+                    .collect();
                 let pool = if fresh.is_empty() { &donors } else { &fresh };
-                let Some(&donor) = pool.iter().max_by_key(|d| hrw(me.id, **d)) else { continue };
+                let Some(&donor) = pool.iter().max_by_key(|d| hrw(me.id, **d)) else {
+                    continue;
+                };
                 let info = self.peers[&donor].info.clone();
                 if let Some(c) = self.caps.get_mut(&cap) {
                     if fresh.is_empty() {
@@ -1154,16 +1225,24 @@ impl Mesh {
                     c.donor = Some(donor);
                 }
                 self.lsa_dirty = true;
-                self.event(me.id, "sync-started", format!("{cap}: full sync from node {}", donor.0));
-                self.actions.push(Action::StartSnapshot { cap, donor: info });
+                self.event(
+                    me.id,
+                    "sync-started",
+                    format!("{cap}: full sync from node {}", donor.0),
+                );
+                self.actions
+                    .push(Action::StartSnapshot { cap, donor: info });
                 continue;
             }
             let members = self.peers.len();
             let waited = now.saturating_sub(c.since) >= self.cfg.seed_fallback;
-            let reason = if members == 0 {
+            let reason = if members == 0 && !self.cfg.joining {
                 Some("no other member: nothing to sync".to_string())
             } else if waited && me.seed {
-                Some(format!("seed: no donor within {} ms", self.cfg.seed_fallback))
+                Some(format!(
+                    "seed: no donor within {} ms",
+                    self.cfg.seed_fallback
+                ))
             } else if waited {
                 self.cold_start_winner(cap).map(|n| {
                     format!(
@@ -1223,9 +1302,17 @@ impl Mesh {
     }
 
     /// The driver finished (or gave up) a snapshot transfer.
-    pub fn snapshot_done(&mut self, now: Millis, cap: Capability, donor: NodeId, outcome: SnapshotOutcome) {
+    pub fn snapshot_done(
+        &mut self,
+        now: Millis,
+        cap: Capability,
+        donor: NodeId,
+        outcome: SnapshotOutcome,
+    ) {
         self.now = self.now.max(now);
-        let Some(c) = self.caps.get_mut(&cap) else { return };
+        let Some(c) = self.caps.get_mut(&cap) else {
+            return;
+        };
         if c.state != SyncState::Syncing || c.donor != Some(donor) {
             return;
         }
@@ -1243,7 +1330,10 @@ impl Mesh {
                 }
                 self.become_synced(
                     cap,
-                    format!("{count} records from node {}, count and digest verified", donor.0),
+                    format!(
+                        "{count} records from node {}, count and digest verified",
+                        donor.0
+                    ),
                 );
             }
             SnapshotOutcome::Failed(why) => {
@@ -1253,7 +1343,11 @@ impl Mesh {
                 c.last_result = format!("from node {}: {why}", donor.0);
                 self.lsa_dirty = true;
                 let me = self.id();
-                self.event(me, "sync-failed", format!("{cap}: from node {}: {why}", donor.0));
+                self.event(
+                    me,
+                    "sync-failed",
+                    format!("{cap}: from node {}: {why}", donor.0),
+                );
             }
         }
     }
@@ -1279,7 +1373,11 @@ impl Mesh {
 
     /// Whether this node may serve `cap` snapshots.
     pub fn can_donate(&self, cap: Capability) -> bool {
-        !self.disabled && self.caps.get(&cap).is_some_and(|c| c.state == SyncState::Synced)
+        !self.disabled
+            && self
+                .caps
+                .get(&cap)
+                .is_some_and(|c| c.state == SyncState::Synced)
     }
 
     /// Records the newest object version held (cold-start election).
@@ -1300,13 +1398,19 @@ impl Mesh {
     pub fn on_join(&mut self, now: Millis, info: NodeInfo) -> Result<Vec<NodeInfo>, String> {
         self.now = self.now.max(now);
         if info.id == self.id() {
-            return Err(format!("node id {} is already used by {}", info.id.0, self.cfg.me.peer_url));
+            return Err(format!(
+                "node id {} is already used by {}",
+                info.id.0, self.cfg.me.peer_url
+            ));
         }
         if let Some(p) = self.peers.get(&info.id)
             && p.reachable
             && p.info.peer_url != info.peer_url
         {
-            return Err(format!("node id {} is already used by {}", info.id.0, p.info.peer_url));
+            return Err(format!(
+                "node id {} is already used by {}",
+                info.id.0, p.info.peer_url
+            ));
         }
         self.removed.remove(&info.id);
         self.learn(info);
@@ -1353,8 +1457,15 @@ impl Mesh {
         let me = self.id();
         self.event(
             me,
-            if enabled { "node-enabled" } else { "node-disabled" },
-            format!("local node {} by an operator", if enabled { "enabled" } else { "disabled" }),
+            if enabled {
+                "node-enabled"
+            } else {
+                "node-disabled"
+            },
+            format!(
+                "local node {} by an operator",
+                if enabled { "enabled" } else { "disabled" }
+            ),
         );
         self.advertise();
     }
@@ -1365,13 +1476,20 @@ impl Mesh {
         let synced_peer = self.peers.values().any(|p| {
             p.reachable
                 && p.lsa.as_ref().is_some_and(|a| {
-                    !a.disabled && a.caps.iter().any(|x| x.cap == cap && x.state == SyncState::Synced)
+                    !a.disabled
+                        && a.caps
+                            .iter()
+                            .any(|x| x.cap == cap && x.state == SyncState::Synced)
                 })
         });
         if !synced_peer {
             return Err(format!("no reachable synced donor for {cap}"));
         }
-        if self.caps.get(&cap).is_some_and(|c| c.state == SyncState::Syncing) {
+        if self
+            .caps
+            .get(&cap)
+            .is_some_and(|c| c.state == SyncState::Syncing)
+        {
             return Err(format!("{cap} is already syncing"));
         }
         self.resync(cap, "requested by an operator".into());
@@ -1446,7 +1564,9 @@ impl Mesh {
 
     /// Sync state of one capability.
     pub fn sync_state(&self, cap: Capability) -> SyncState {
-        self.caps.get(&cap).map_or(SyncState::NotSynced, |c| c.state)
+        self.caps
+            .get(&cap)
+            .map_or(SyncState::NotSynced, |c| c.state)
     }
 
     /// The bounded event history, oldest first.

@@ -1,0 +1,678 @@
+//! The control plane's runtime: a tokio runtime on its own thread serving the `Peer` and
+//! `Admin` gRPC services, driving the sans-IO [`Mesh`], draining the workers' change rings
+//! into replication, applying peers' records to the tables and moving snapshots.
+//!
+//! The mesh is owned by one task; gRPC handlers talk to it through a bounded channel (a
+//! peer that sends faster than the mesh consumes is slowed down by HTTP/2 flow control),
+//! and each outgoing link has its own bounded queue: when it is full, envelopes are
+//! dropped and counted, and the receiver's gap detection asks for them again.
+
+pub mod convert;
+mod services;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sipmesh_cluster::change::{ChangeRecord, ChangeRef};
+use sipmesh_cluster::ring::ChangeConsumer;
+use sipmesh_cluster::usrloc::Usrloc;
+use sipmesh_cluster::{Digest, NodeId};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::config::Config;
+use crate::mesh::{
+    Action, Batch, Capability, Event, Mesh, MeshConfig, Millis, NodeInfo, SnapshotOutcome,
+};
+use crate::node::format_change;
+use crate::pb;
+
+/// Largest replication batch (bytes of framed records) the drain builds.
+const MAX_BATCH_BYTES: usize = 512 * 1024;
+/// Snapshot chunk size.
+const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
+/// Envelopes queued per outgoing link.
+const LINK_QUEUE: usize = 4096;
+/// Inputs queued for the mesh task.
+const MESH_QUEUE: usize = 16 * 1024;
+
+/// An input of the mesh task.
+pub(crate) enum Input {
+    Envelope(crate::mesh::Envelope),
+    With(Box<dyn FnOnce(&mut Mesh, Millis) + Send>),
+    SnapshotDone(Capability, NodeId, SnapshotOutcome),
+}
+
+/// Counters of the control plane's own work.
+#[derive(Debug, Default)]
+pub struct ControlStats {
+    /// Change records drained from the workers' rings.
+    pub drained: AtomicU64,
+    /// Replicated records applied to the tables.
+    pub applied: AtomicU64,
+    /// Replicated records that did not decode (dropped).
+    pub bad_records: AtomicU64,
+    /// Envelopes refused at the edge.
+    pub bad_envelopes: AtomicU64,
+    /// Envelopes dropped because a link queue was full.
+    pub link_queue_full: AtomicU64,
+}
+
+/// What the gRPC services share.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub cluster_id: u32,
+    pub me: NodeId,
+    pub usrloc: Arc<Usrloc>,
+    pub tx: mpsc::Sender<Input>,
+    pub stats: Arc<ControlStats>,
+    pub clock: Clock,
+}
+
+impl Shared {
+    /// Runs `f` on the mesh task and returns its result.
+    pub async fn query<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Mesh, Millis) -> R + Send + 'static,
+    ) -> Result<R, tonic::Status> {
+        let (otx, orx) = oneshot::channel();
+        self.tx
+            .send(Input::With(Box::new(move |m, now| {
+                let _ = otx.send(f(m, now));
+            })))
+            .await
+            .map_err(|_| tonic::Status::unavailable("node is stopping"))?;
+        orx.await
+            .map_err(|_| tonic::Status::unavailable("node is stopping"))
+    }
+}
+
+/// The mesh clock: milliseconds since the process started (monotonic).
+#[derive(Clone, Copy)]
+pub(crate) struct Clock(Instant);
+
+impl Clock {
+    pub fn now(&self) -> Millis {
+        self.0.elapsed().as_millis() as Millis
+    }
+}
+
+/// Options of the control plane that are not in the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct ControlOptions {
+    /// Print every drained change record.
+    pub dump_changes: bool,
+}
+
+/// The running control plane.
+pub struct ControlPlane {
+    thread: Option<JoinHandle<()>>,
+    /// Its counters.
+    pub stats: Arc<ControlStats>,
+    /// The gRPC address it listens on.
+    pub grpc_addr: std::net::SocketAddr,
+}
+
+impl ControlPlane {
+    /// Binds the gRPC listener (errors are reported here, before anything runs) and starts
+    /// the runtime thread. It drains `rings` until `workers_done` is set and they are
+    /// empty, then stops.
+    pub fn start(
+        config: &Config,
+        usrloc: Arc<Usrloc>,
+        rings: Vec<ChangeConsumer>,
+        opts: ControlOptions,
+        workers_done: Arc<AtomicBool>,
+    ) -> std::io::Result<ControlPlane> {
+        let listener = TcpListener::bind(config.cluster.grpc_listen).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("gRPC listen {}: {e}", config.cluster.grpc_listen),
+            )
+        })?;
+        listener.set_nonblocking(true)?;
+        let grpc_addr = listener.local_addr()?;
+        let stats = Arc::new(ControlStats::default());
+        let incarnation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let c = &config.cluster;
+        let me = NodeInfo {
+            id: NodeId(config.node_id),
+            peer_url: if c.peer_url.is_empty() && c.grpc_listen.port() == 0 {
+                format!("http://{grpc_addr}")
+            } else {
+                config.peer_url()
+            },
+            sip_addr: config.sip_addr(),
+            seed: c.seed,
+            priority: c.priority,
+        };
+        let mut mc = MeshConfig::new(c.cluster_id, me, incarnation);
+        mc.heartbeat_interval = c.heartbeat_interval_ms;
+        mc.heartbeat_timeout = c.heartbeat_timeout_ms;
+        mc.heartbeat_retries = c.heartbeat_retries;
+        mc.link_up_after = c.link_up_after;
+        mc.lsa_refresh = c.link_state_refresh_ms;
+        mc.seed_fallback = c.seed_fallback_ms;
+        mc.gap_timeout = c.gap_timeout_ms;
+        mc.replay_bytes = c.replay_buffer_bytes;
+        mc.mode = c.mode;
+        mc.joining = !c.join.is_empty();
+        let members: Vec<NodeInfo> = c
+            .members
+            .iter()
+            .map(|(id, url)| NodeInfo {
+                id: NodeId(*id),
+                peer_url: url.clone(),
+                sip_addr: String::new(),
+                seed: false,
+                priority: 0,
+            })
+            .collect();
+        let join = c.join.clone();
+        let sync_timeout = Duration::from_millis(c.sync_timeout_ms);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sipd-control")
+            .enable_all()
+            .build()?;
+        let st = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("sipd-control".into())
+            .spawn(move || {
+                runtime.block_on(run(
+                    mc,
+                    members,
+                    join,
+                    sync_timeout,
+                    listener,
+                    usrloc,
+                    rings,
+                    opts,
+                    workers_done,
+                    st,
+                ));
+                runtime.shutdown_timeout(Duration::from_millis(200));
+            })?;
+        Ok(ControlPlane {
+            thread: Some(thread),
+            stats,
+            grpc_addr,
+        })
+    }
+
+    /// Waits for the runtime thread (after the workers stopped and the flag was set).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    mc: MeshConfig,
+    members: Vec<NodeInfo>,
+    join: Vec<String>,
+    sync_timeout: Duration,
+    listener: TcpListener,
+    usrloc: Arc<Usrloc>,
+    rings: Vec<ChangeConsumer>,
+    opts: ControlOptions,
+    workers_done: Arc<AtomicBool>,
+    stats: Arc<ControlStats>,
+) {
+    let clock = Clock(Instant::now());
+    let (tx, rx) = mpsc::channel(MESH_QUEUE);
+    let shared = Shared {
+        cluster_id: mc.cluster_id,
+        me: mc.me.id,
+        usrloc: usrloc.clone(),
+        tx: tx.clone(),
+        stats: stats.clone(),
+        clock,
+    };
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => Some(tokio::spawn(services::serve(shared.clone(), l, stop_rx))),
+        Err(e) => {
+            eprintln!("sipd: gRPC listener: {e}");
+            None
+        }
+    };
+    let me = mc.me.clone();
+    for url in join {
+        tokio::spawn(join_through(url, me.clone(), mc.cluster_id, tx.clone()));
+    }
+    let mesh = Mesh::new(mc, members, clock.now());
+    mesh_loop(mesh, shared, rx, rings, opts, workers_done, sync_timeout).await;
+    let _ = stop_tx.send(());
+    if let Some(s) = server {
+        let _ = tokio::time::timeout(Duration::from_millis(500), s).await;
+    }
+}
+
+/// Asks `url` to adopt this node until one answers (or refuses for good).
+async fn join_through(url: String, me: NodeInfo, cluster_id: u32, tx: mpsc::Sender<Input>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let ch = Endpoint::from_shared(url.clone())
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            pb::peer_client::PeerClient::new(ch)
+                .join(pb::JoinRequest {
+                    cluster_id,
+                    node: Some(convert::node_info_pb(&me)),
+                })
+                .await
+        };
+        match attempt.await {
+            Ok(reply) => {
+                let members: Vec<NodeInfo> = reply
+                    .into_inner()
+                    .members
+                    .into_iter()
+                    .filter_map(|m| convert::node_info("members", Some(m)).ok())
+                    .collect();
+                eprintln!("sipd: joined through {url}: {} members", members.len());
+                let _ = tx
+                    .send(Input::With(Box::new(move |m, now| {
+                        m.on_join_reply(now, members)
+                    })))
+                    .await;
+                return;
+            }
+            Err(s)
+                if s.code() == tonic::Code::AlreadyExists
+                    || s.code() == tonic::Code::InvalidArgument =>
+            {
+                eprintln!("sipd: join through {url} refused: {}", s.message());
+                return;
+            }
+            Err(_) => {}
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+struct LinkHandle {
+    url: String,
+    tx: mpsc::Sender<pb::Envelope>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn mesh_loop(
+    mut mesh: Mesh,
+    shared: Shared,
+    mut rx: mpsc::Receiver<Input>,
+    mut rings: Vec<ChangeConsumer>,
+    opts: ControlOptions,
+    workers_done: Arc<AtomicBool>,
+    sync_timeout: Duration,
+) {
+    let mut links: HashMap<NodeId, LinkHandle> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain = tokio::time::interval(Duration::from_millis(2));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scratch = Vec::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(MAX_BATCH_BYTES + 4096);
+    let clock = shared.clock;
+    loop {
+        tokio::select! {
+            biased;
+            inp = rx.recv() => match inp {
+                Some(Input::Envelope(env)) => mesh.on_envelope(clock.now(), env),
+                Some(Input::With(f)) => f(&mut mesh, clock.now()),
+                Some(Input::SnapshotDone(cap, donor, outcome)) => {
+                    mesh.snapshot_done(clock.now(), cap, donor, outcome)
+                }
+                None => break,
+            },
+            _ = tick.tick() => mesh.tick(clock.now()),
+            _ = drain.tick() => {
+                let stopping = workers_done.load(Ordering::SeqCst);
+                drain_rings(&mut mesh, &mut rings, &mut scratch, &mut buf, &opts, &shared);
+                if stopping && rings.iter().all(|r| r.is_empty()) {
+                    dispatch(&mut mesh, &mut links, &shared, sync_timeout);
+                    // Let the last batches reach the link queues' streams.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+            }
+        }
+        dispatch(&mut mesh, &mut links, &shared, sync_timeout);
+    }
+    for (_, l) in links {
+        l.task.abort();
+    }
+}
+
+fn drain_rings(
+    mesh: &mut Mesh,
+    rings: &mut [ChangeConsumer],
+    scratch: &mut Vec<u8>,
+    buf: &mut BytesMut,
+    opts: &ControlOptions,
+    shared: &Shared,
+) {
+    let mut count = 0u32;
+    let mut total = 0u64;
+    let stdout = std::io::stdout();
+    let mut flush = |buf: &mut BytesMut, count: &mut u32| {
+        if *count > 0 {
+            let records: Bytes = buf.split().freeze();
+            mesh.local_batch(shared.clock.now(), records, *count);
+            *count = 0;
+        }
+    };
+    for r in rings.iter_mut() {
+        while r.pop_frame(scratch) {
+            buf.put_u32_le(scratch.len() as u32);
+            buf.put_slice(scratch);
+            count += 1;
+            total += 1;
+            if opts.dump_changes
+                && let Ok((rec, _)) = ChangeRecord::decode_from_slice(scratch)
+            {
+                let _ = writeln!(stdout.lock(), "{}", format_change(&rec));
+            }
+            if buf.len() >= MAX_BATCH_BYTES {
+                flush(buf, &mut count);
+            }
+        }
+    }
+    flush(buf, &mut count);
+    if total > 0 {
+        shared.stats.drained.fetch_add(total, Ordering::Relaxed);
+        if opts.dump_changes {
+            let _ = stdout.lock().flush();
+        }
+    }
+}
+
+fn dispatch(
+    mesh: &mut Mesh,
+    links: &mut HashMap<NodeId, LinkHandle>,
+    shared: &Shared,
+    sync_timeout: Duration,
+) {
+    for a in mesh.take_actions() {
+        match a {
+            Action::Send { link, env } => {
+                if let Some(l) = links.get(&link)
+                    && l.tx
+                        .try_send(convert::envelope_pb(shared.cluster_id, &env))
+                        .is_err()
+                {
+                    shared.stats.link_queue_full.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Action::Connect(info) => {
+                if links.get(&info.id).is_some_and(|l| l.url == info.peer_url) {
+                    continue;
+                }
+                if let Some(old) = links.remove(&info.id) {
+                    old.task.abort();
+                }
+                let (tx, rx) = mpsc::channel(LINK_QUEUE);
+                let task = tokio::spawn(link_task(info.peer_url.clone(), rx));
+                links.insert(
+                    info.id,
+                    LinkHandle {
+                        url: info.peer_url,
+                        tx,
+                        task,
+                    },
+                );
+            }
+            Action::Disconnect(id) => {
+                if let Some(l) = links.remove(&id) {
+                    l.task.abort();
+                }
+            }
+            Action::Apply { cap, batch, skip } => apply_batch(shared, cap, &batch, skip),
+            Action::StartSnapshot { cap, donor } => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let id = donor.id;
+                    let outcome = fetch_snapshot(&shared, cap, donor, sync_timeout).await;
+                    if let SnapshotOutcome::Failed(why) = &outcome {
+                        eprintln!("sipd: cluster: snapshot of {cap} from node {}: {why}", id.0);
+                    }
+                    let _ = shared.tx.send(Input::SnapshotDone(cap, id, outcome)).await;
+                });
+            }
+            Action::Event(e) => log_event(&e),
+        }
+    }
+}
+
+fn log_event(e: &Event) {
+    eprintln!("sipd: cluster: {} node {}: {}", e.kind, e.node.0, e.reason);
+}
+
+fn apply_batch(shared: &Shared, cap: Capability, batch: &Batch, skip: u32) {
+    match cap {
+        Capability::Usrloc => {
+            let mut n = 0;
+            for f in convert::frames(&batch.records).skip(skip as usize) {
+                match ChangeRecord::decode_from_slice(f) {
+                    Ok((rec, _)) => {
+                        shared.usrloc.apply_remote(&rec);
+                        n += 1;
+                    }
+                    Err(_) => {
+                        shared.stats.bad_records.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            shared.stats.applied.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Opens (and re-opens) the outgoing `Link` stream to one member and feeds it from `rx`.
+/// While the member cannot be reached, queued envelopes are discarded: heartbeats notice.
+async fn link_task(url: String, mut rx: mpsc::Receiver<pb::Envelope>) {
+    loop {
+        let ep = match Endpoint::from_shared(url.clone()) {
+            Ok(ep) => ep
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true),
+            Err(e) => {
+                eprintln!("sipd: cluster: bad peer URL {url}: {e}");
+                return;
+            }
+        };
+        if let Ok(ch) = ep.connect().await {
+            let (itx, irx) = mpsc::channel::<pb::Envelope>(LINK_QUEUE);
+            let mut client = pb::peer_client::PeerClient::new(ch)
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(16 << 20);
+            let call = client.link(ReceiverStream::new(irx));
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    _ = &mut call => break,
+                    m = rx.recv() => match m {
+                        None => return,
+                        Some(env) => { let _ = itx.try_send(env); }
+                    }
+                }
+            }
+        }
+        let pause = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = &mut pause => break,
+                m = rx.recv() => if m.is_none() { return },
+            }
+        }
+    }
+}
+
+/// Receiver side of a full sync: pulls, applies and verifies a snapshot.
+async fn fetch_snapshot(
+    shared: &Shared,
+    cap: Capability,
+    donor: NodeInfo,
+    timeout: Duration,
+) -> SnapshotOutcome {
+    let fail = |m: String| SnapshotOutcome::Failed(m);
+    let ch = match Endpoint::from_shared(donor.peer_url.clone()) {
+        Ok(ep) => match ep.connect_timeout(timeout).connect().await {
+            Ok(ch) => ch,
+            Err(e) => return fail(format!("connect: {e}")),
+        },
+        Err(e) => return fail(format!("bad URL: {e}")),
+    };
+    let mut client = pb::peer_client::PeerClient::new(ch).max_decoding_message_size(16 << 20);
+    let req = pb::SnapshotRequest {
+        cluster_id: shared.cluster_id,
+        node_id: u32::from(shared.me.0),
+        capability: cap.name().to_string(),
+    };
+    let mut stream = match tokio::time::timeout(timeout, client.snapshot(req)).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(s)) => return fail(format!("refused: {}", s.message())),
+        Err(_) => return fail(format!("no answer within {} ms", timeout.as_millis())),
+    };
+    let mut watermarks = None;
+    let mut digest = Digest::default();
+    loop {
+        let msg = match tokio::time::timeout(timeout, stream.message()).await {
+            Err(_) => return fail(format!("stalled: nothing for {} ms", timeout.as_millis())),
+            Ok(Err(s)) => return fail(format!("transfer: {}", s.message())),
+            Ok(Ok(None)) => return fail("the stream ended before its end marker".into()),
+            Ok(Ok(Some(m))) => m,
+        };
+        use pb::snapshot_chunk::Body as B;
+        match msg.body {
+            Some(B::Begin(b)) if watermarks.is_none() => {
+                match b.watermarks.iter().map(convert::watermark).collect() {
+                    Ok(w) => watermarks = Some(w),
+                    Err(e) => return fail(e.0),
+                }
+            }
+            Some(B::Records(r)) if watermarks.is_some() => {
+                if let Err(e) = convert::check_frames(&r.records, r.count) {
+                    return fail(e.0);
+                }
+                let usrloc = shared.usrloc.clone();
+                let applied =
+                    tokio::task::spawn_blocking(move || apply_snapshot_chunk(&usrloc, &r.records))
+                        .await;
+                match applied {
+                    Ok(Ok(d)) => digest.merge(d),
+                    Ok(Err(e)) => return fail(e),
+                    Err(e) => return fail(format!("apply: {e}")),
+                }
+            }
+            Some(B::End(e)) if watermarks.is_some() => {
+                if e.count != digest.count || e.digest != digest.hash {
+                    return fail(format!(
+                        "verification failed: donor sent {} records (digest {:016x}), received {} (digest {:016x})",
+                        e.count, e.digest, digest.count, digest.hash
+                    ));
+                }
+                shared
+                    .stats
+                    .applied
+                    .fetch_add(digest.count, Ordering::Relaxed);
+                return SnapshotOutcome::Verified {
+                    watermarks: watermarks.unwrap_or_default(),
+                    count: digest.count,
+                };
+            }
+            _ => return fail("chunks out of order".into()),
+        }
+    }
+}
+
+/// Applies one chunk of snapshot records; returns the digest of what it held.
+fn apply_snapshot_chunk(usrloc: &Usrloc, records: &[u8]) -> Result<Digest, String> {
+    let mut d = Digest::default();
+    for f in convert::frames(records) {
+        let (rec, _) = ChangeRecord::decode_from_slice(f).map_err(|e| format!("record: {e}"))?;
+        match rec.change.as_ref() {
+            ChangeRef::BindingUpsert { aor, binding } => d.add(aor, binding),
+            ChangeRef::BindingRemove { .. } => return Err("a snapshot holds only bindings".into()),
+        }
+        usrloc.apply_remote(&rec);
+    }
+    Ok(d)
+}
+
+/// Donor side: walks the table (weakly consistent while writes go on) into framed chunks
+/// sent on `tx`, then the count and digest of exactly what was sent.
+pub(crate) fn walk_snapshot(
+    usrloc: &Usrloc,
+    tx: &mpsc::Sender<Result<pb::SnapshotChunk, tonic::Status>>,
+) {
+    use pb::snapshot_chunk::Body as B;
+    let mut buf = Vec::with_capacity(SNAPSHOT_CHUNK_BYTES + 4096);
+    let mut scratch = Vec::with_capacity(1024);
+    let mut count = 0u32;
+    let mut digest = Digest::default();
+    let mut closed = false;
+    let send = |buf: &mut Vec<u8>, count: &mut u32, closed: &mut bool| {
+        if *count == 0 || *closed {
+            return;
+        }
+        let chunk = pb::SnapshotChunk {
+            body: Some(B::Records(pb::SnapshotRecords {
+                count: *count,
+                records: Bytes::copy_from_slice(buf),
+            })),
+        };
+        buf.clear();
+        *count = 0;
+        if tx.blocking_send(Ok(chunk)).is_err() {
+            *closed = true;
+        }
+    };
+    usrloc.snapshot_records(|rec| {
+        if closed {
+            return;
+        }
+        if let ChangeRef::BindingUpsert { aor, binding } = rec.change {
+            digest.add(aor, binding);
+        }
+        if rec.encode_into_vec(&mut scratch).is_err() {
+            return;
+        }
+        buf.extend_from_slice(&(scratch.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&scratch);
+        count += 1;
+        if buf.len() >= SNAPSHOT_CHUNK_BYTES {
+            send(&mut buf, &mut count, &mut closed);
+        }
+    });
+    send(&mut buf, &mut count, &mut closed);
+    if !closed {
+        let _ = tx.blocking_send(Ok(pb::SnapshotChunk {
+            body: Some(B::End(pb::SnapshotEnd {
+                count: digest.count,
+                digest: digest.hash,
+            })),
+        }));
+    }
+}

@@ -1,0 +1,298 @@
+//! The `Peer` and `Admin` gRPC services: thin, they validate at the edge and hand over to
+//! the mesh task.
+
+use std::sync::atomic::Ordering;
+
+use sipmesh_cluster::NodeId;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{self, Invalid};
+use super::{Input, Shared, walk_snapshot};
+use crate::mesh::Capability;
+use crate::pb;
+
+fn bad(e: Invalid) -> Status {
+    Status::invalid_argument(e.0)
+}
+
+pub(crate) async fn serve(
+    shared: Shared,
+    listener: tokio::net::TcpListener,
+    stop: oneshot::Receiver<()>,
+) {
+    let peer = pb::peer_server::PeerServer::new(PeerSvc(shared.clone()))
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20);
+    let admin = pb::admin_server::AdminServer::new(AdminSvc(shared));
+    let r = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(peer)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop.await;
+        })
+        .await;
+    if let Err(e) = r {
+        eprintln!("sipd: gRPC server: {e}");
+    }
+}
+
+struct PeerSvc(Shared);
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerSvc {
+    async fn link(
+        &self,
+        req: Request<Streaming<pb::Envelope>>,
+    ) -> Result<Response<pb::LinkClosed>, Status> {
+        let mut stream = req.into_inner();
+        let s = &self.0;
+        while let Some(m) = stream.message().await? {
+            match convert::envelope(s.cluster_id, m) {
+                Ok(env) => {
+                    if s.tx.send(Input::Envelope(env)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    s.stats.bad_envelopes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(Response::new(pb::LinkClosed {}))
+    }
+
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let r = req.into_inner();
+        if r.cluster_id != self.0.cluster_id {
+            return Err(Status::invalid_argument(format!(
+                "cluster_id: {} is not this cluster ({})",
+                r.cluster_id, self.0.cluster_id
+            )));
+        }
+        let info = convert::node_info("node", r.node).map_err(bad)?;
+        let members = self.0.query(move |m, now| m.on_join(now, info)).await?;
+        match members {
+            Ok(ms) => Ok(Response::new(pb::JoinReply {
+                members: ms.iter().map(convert::node_info_pb).collect(),
+            })),
+            Err(e) => Err(Status::already_exists(e)),
+        }
+    }
+
+    type SnapshotStream = ReceiverStream<Result<pb::SnapshotChunk, Status>>;
+
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let r = req.into_inner();
+        if r.cluster_id != self.0.cluster_id {
+            return Err(Status::invalid_argument("cluster_id: not this cluster"));
+        }
+        convert::node_id("node_id", r.node_id).map_err(bad)?;
+        let Some(cap) = Capability::parse(&r.capability) else {
+            return Err(Status::invalid_argument(format!(
+                "capability: `{}` is unknown",
+                r.capability
+            )));
+        };
+        let marks = self
+            .0
+            .query(move |m, _| m.can_donate(cap).then(|| m.watermarks()))
+            .await?;
+        let Some(marks) = marks else {
+            return Err(Status::unavailable(format!("{cap} is not synced here")));
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let begin = pb::SnapshotChunk {
+            body: Some(pb::snapshot_chunk::Body::Begin(pb::SnapshotBegin {
+                watermarks: marks.iter().map(convert::watermark_pb).collect(),
+            })),
+        };
+        let usrloc = self.0.usrloc.clone();
+        tokio::task::spawn_blocking(move || {
+            if tx.blocking_send(Ok(begin)).is_ok() {
+                match cap {
+                    Capability::Usrloc => walk_snapshot(&usrloc, &tx),
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct AdminSvc(Shared);
+
+fn ms_to_unix(now_mono: u64, at_mono: u64) -> u64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    wall.saturating_sub(now_mono.saturating_sub(at_mono))
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminSvc {
+    async fn list_nodes(&self, _: Request<pb::Empty>) -> Result<Response<pb::NodeList>, Status> {
+        let nodes = self.0.query(|m, _| m.nodes()).await?;
+        Ok(Response::new(pb::NodeList {
+            nodes: nodes
+                .iter()
+                .map(|n| pb::NodeStatus {
+                    node: Some(convert::node_info_pb(&n.info)),
+                    local: n.local,
+                    state: n.state.to_string(),
+                    link: n.link.to_string(),
+                    next_hop: n.next_hop.map_or(0, |h| u32::from(h.0)),
+                    capabilities: n.caps.iter().map(convert::cap_pb).collect(),
+                    rtt_us: n.rtt.map_or(0, |r| r * 1000),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn topology(&self, _: Request<pb::Empty>) -> Result<Response<pb::TopologyReply>, Status> {
+        let (me, topo) = self.0.query(|m, _| (m.me().id, m.topology())).await?;
+        Ok(Response::new(pb::TopologyReply {
+            local: u32::from(me.0),
+            nodes: topo
+                .into_iter()
+                .map(|(id, seq, links)| pb::Adjacency {
+                    node_id: u32::from(id.0),
+                    seq,
+                    up_links: links.iter().map(|l| u32::from(l.0)).collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn sync_status(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::SyncStatusReply>, Status> {
+        let views = self.0.query(|m, _| m.sync_status()).await?;
+        let usrloc = self.0.usrloc.clone();
+        let digest = tokio::task::spawn_blocking(move || usrloc.digest())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::SyncStatusReply {
+            capabilities: views
+                .into_iter()
+                .map(|v| {
+                    let d = match v.cap {
+                        Capability::Usrloc => digest,
+                    };
+                    pb::CapabilitySync {
+                        name: v.cap.name().to_string(),
+                        state: convert::sync_state_pb(v.state),
+                        donor: v.donor.map_or(0, |d| u32::from(d.0)),
+                        count: d.count,
+                        digest: d.hash,
+                        syncs_completed: v.completed,
+                        syncs_failed: v.failed,
+                        last_result: v.last_result,
+                        gaps_repaired: v.gaps_repaired,
+                        records_applied: v.records_applied,
+                    }
+                })
+                .collect(),
+        }))
+    }
+
+    async fn sync_request(
+        &self,
+        req: Request<pb::SyncRequestArgs>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let name = req.into_inner().capability;
+        let Some(cap) = Capability::parse(&name) else {
+            return Err(Status::invalid_argument(format!(
+                "capability: `{name}` is unknown (usrloc)"
+            )));
+        };
+        self.0
+            .query(move |m, now| m.request_sync(now, cap))
+            .await?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::NodeIdArg>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let id: NodeId = convert::node_id("node_id", req.into_inner().node_id).map_err(bad)?;
+        self.0
+            .query(move |m, now| m.remove_node(now, id))
+            .await?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn set_node_enabled(
+        &self,
+        req: Request<pb::EnabledArg>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let on = req.into_inner().enabled;
+        self.0.query(move |m, now| m.set_enabled(now, on)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn events(&self, _: Request<pb::Empty>) -> Result<Response<pb::EventList>, Status> {
+        let events = self
+            .0
+            .query(|m, now| {
+                m.events()
+                    .map(|e| pb::Event {
+                        at_ms: ms_to_unix(now, e.at),
+                        node_id: u32::from(e.node.0),
+                        kind: e.kind.to_string(),
+                        reason: e.reason.clone(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        Ok(Response::new(pb::EventList { events }))
+    }
+
+    async fn usrloc_dump(
+        &self,
+        req: Request<pb::UsrlocDumpArgs>,
+    ) -> Result<Response<pb::UsrlocDumpReply>, Status> {
+        let aor = req.into_inner().aor;
+        let usrloc = self.0.usrloc.clone();
+        let aors = tokio::task::spawn_blocking(move || {
+            let entry = |k: &[u8], rec: &sipmesh_cluster::AorRecord| pb::AorEntry {
+                aor: String::from_utf8_lossy(k).into_owned(),
+                contacts: rec
+                    .bindings()
+                    .iter()
+                    .map(|b| pb::ContactEntry {
+                        contact: String::from_utf8_lossy(b.contact()).into_owned(),
+                        expires_at: u64::from(b.expires_at),
+                        version: b.version,
+                        origin: u32::from(b.origin.0),
+                        call_id: String::from_utf8_lossy(b.call_id()).into_owned(),
+                        cseq: b.cseq,
+                    })
+                    .collect(),
+            };
+            let mut out = Vec::new();
+            if aor.is_empty() {
+                usrloc.for_each(|k, rec| out.push(entry(k, rec)));
+                out.sort_by(|a, b| a.aor.cmp(&b.aor));
+            } else {
+                usrloc.read(aor.as_bytes(), |rec| {
+                    if let Some(rec) = rec {
+                        out.push(entry(aor.as_bytes(), rec));
+                    }
+                });
+            }
+            out
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::UsrlocDumpReply { aors }))
+    }
+}
