@@ -4,6 +4,7 @@
 pub mod config;
 pub mod grpc;
 pub mod mesh;
+pub mod metrics;
 pub mod node;
 
 /// Generated protobuf and gRPC code (`proto/sipmesh.proto`).

@@ -19,7 +19,9 @@ COMMANDS:
     node disable           take this node out without it looking failed
     node enable            bring it back
     topology               the link-state database: who sees whom
-    sync status            per capability: sync state, objects, digest, repairs
+    sync status [--reset-lag]
+                           per capability: sync state, objects, digest, repairs,
+                           replication lag (--reset-lag starts a new measurement)
     sync request CAP       full sync of CAP (usrloc) from a donor now
     events                 node up/down, link and sync events, with reasons
     usrloc dump [AOR]      registered contacts (all, or one address-of-record)
@@ -332,8 +334,12 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                 );
             }
         }
-        ["sync", "status"] => {
-            let r = c.sync_status(e).await?.into_inner();
+        ["sync", "status"] | ["sync", "status", "--reset-lag"] => {
+            let reset_lag = words.len() == 3;
+            let r = c
+                .sync_status(pb::SyncStatusArgs { reset_lag })
+                .await?
+                .into_inner();
             if json {
                 print(Json::Arr(
                     r.capabilities
@@ -349,6 +355,10 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                                 ("syncs_failed", Json::Num(x.syncs_failed)),
                                 ("gaps_repaired", Json::Num(x.gaps_repaired)),
                                 ("records_applied", Json::Num(x.records_applied)),
+                                ("lag_samples", Json::Num(x.lag_samples)),
+                                ("lag_p50_us", Json::Num(x.lag_p50_us)),
+                                ("lag_p99_us", Json::Num(x.lag_p99_us)),
+                                ("lag_max_us", Json::Num(x.lag_max_us)),
                                 ("last_result", s(x.last_result.clone())),
                             ])
                         })
@@ -385,6 +395,11 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                                 x.syncs_failed.to_string(),
                                 x.gaps_repaired.to_string(),
                                 x.records_applied.to_string(),
+                                format!(
+                                    "{:.1}/{:.1}ms",
+                                    x.lag_p50_us as f64 / 1000.0,
+                                    x.lag_p99_us as f64 / 1000.0
+                                ),
                                 x.last_result.clone(),
                             ]
                         })

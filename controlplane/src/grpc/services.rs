@@ -170,13 +170,24 @@ impl pb::admin_server::Admin for AdminSvc {
 
     async fn sync_status(
         &self,
-        _: Request<pb::Empty>,
+        req: Request<pb::SyncStatusArgs>,
     ) -> Result<Response<pb::SyncStatusReply>, Status> {
+        let reset = req.into_inner().reset_lag;
         let views = self.0.query(|m, _| m.sync_status()).await?;
         let usrloc = self.0.usrloc.clone();
         let digest = tokio::task::spawn_blocking(move || usrloc.digest())
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
+        let lag = &self.0.stats.lag_us;
+        let (samples, p50, p99, max) = (
+            lag.count(),
+            lag.quantile(0.5),
+            lag.quantile(0.99),
+            lag.max(),
+        );
+        if reset {
+            lag.reset();
+        }
         Ok(Response::new(pb::SyncStatusReply {
             capabilities: views
                 .into_iter()
@@ -195,6 +206,10 @@ impl pb::admin_server::Admin for AdminSvc {
                         last_result: v.last_result,
                         gaps_repaired: v.gaps_repaired,
                         records_applied: v.records_applied,
+                        lag_samples: samples,
+                        lag_p50_us: p50,
+                        lag_p99_us: p99,
+                        lag_max_us: max,
                     }
                 })
                 .collect(),
