@@ -275,6 +275,8 @@ pub struct Mesh {
     cfg: MeshConfig,
     peers: BTreeMap<NodeId, Peer>,
     removed: BTreeMap<NodeId, u64>,
+    /// Removals a join overrode (id, removed incarnation): stale when flooded back to us.
+    readmitted: BTreeMap<NodeId, u64>,
     disabled: bool,
     lsa_seq: u64,
     lsa_next: Millis,
@@ -327,6 +329,7 @@ impl Mesh {
             cfg,
             peers: BTreeMap::new(),
             removed: BTreeMap::new(),
+            readmitted: BTreeMap::new(),
             disabled: false,
             lsa_seq: 0,
             lsa_next: now,
@@ -599,7 +602,12 @@ impl Mesh {
         if env.src == me && env.dst != FLOOD {
             return;
         }
-        if self.is_removed(env.hop, None) || (env.src != me && self.is_removed(env.src, None)) {
+        // A removed node's advertisements are judged by incarnation in `on_link_state`: a
+        // restarted process may join again.
+        let from_removed = env.src != me
+            && self.is_removed(env.src, None)
+            && !matches!(env.body, Body::LinkState(_));
+        if self.is_removed(env.hop, None) || from_removed {
             self.stats.from_stranger += 1;
             return;
         }
@@ -660,6 +668,7 @@ impl Mesh {
     fn on_pong(&mut self, from: NodeId, seq: u64) {
         let now = self.now;
         let need = self.cfg.link_up_after;
+        let retries = self.cfg.heartbeat_retries;
         let Some(p) = self.peers.get_mut(&from) else {
             return;
         };
@@ -669,12 +678,29 @@ impl Mesh {
         };
         let (_, sent) = l.outstanding[pos];
         l.outstanding.drain(..=pos);
+        // Answers come back in order: the pings sent before this one were lost. They are
+        // misses, or a link answering one ping in three would count only answers.
+        let mut lost = None;
+        if pos > 0 {
+            l.miss_run += pos as u32;
+            l.ok_run = 0;
+            if l.up && l.miss_run >= retries {
+                l.up = false;
+                l.down_reason = format!("{} heartbeats in a row unanswered", l.miss_run);
+                lost = Some(l.down_reason.clone());
+            }
+        }
         l.rtt = Some(now.saturating_sub(sent));
         l.ok_run += 1;
         l.miss_run = 0;
-        if !l.up && l.ok_run >= need {
-            l.up = true;
-            let reason = format!("{} heartbeats answered", l.ok_run);
+        let came_up = !l.up && l.ok_run >= need;
+        l.up |= came_up;
+        let ok_run = l.ok_run;
+        if let Some(reason) = lost {
+            self.link_changed(from, false, reason);
+        }
+        if came_up {
+            let reason = format!("{ok_run} heartbeats answered");
             self.link_changed(from, true, reason);
         }
     }
@@ -739,6 +765,10 @@ impl Mesh {
             });
         }
         let now = self.now;
+        let replicates_to_us = match self.cfg.mode {
+            ClusterMode::FullSharing => true,
+            ClusterMode::HaPair => ad.node.sip_addr == self.cfg.me.sip_addr,
+        };
         let was_disabled = self
             .peers
             .get(&origin)
@@ -753,7 +783,8 @@ impl Mesh {
                     ..Inbound::default()
                 };
             }
-            if ad.incarnation == p.inbound.incarnation
+            if replicates_to_us
+                && ad.incarnation == p.inbound.incarnation
                 && p.inbound.next_seq != 0
                 && ad.last_repl_seq >= p.inbound.next_seq
                 && p.inbound.hint.is_none()
@@ -782,7 +813,12 @@ impl Mesh {
 
     fn apply_removal(&mut self, r: Removal, reason: String) {
         let cur = self.removed.get(&r.id).copied();
-        if cur.is_some_and(|c| c >= r.incarnation) {
+        if cur.is_some_and(|c| c >= r.incarnation)
+            || self
+                .readmitted
+                .get(&r.id)
+                .is_some_and(|&i| i >= r.incarnation)
+        {
             return;
         }
         if r.id == self.id() {
@@ -801,6 +837,9 @@ impl Mesh {
             .get(&r.id)
             .and_then(|p| p.lsa.as_ref())
             .map_or(0, |a| a.incarnation);
+        if peer_inc > r.incarnation {
+            return; // it was restarted (and joined again) since
+        }
         self.removed.insert(r.id, r.incarnation);
         self.lsa_dirty = true;
         if peer_inc <= r.incarnation {
@@ -1412,7 +1451,9 @@ impl Mesh {
                 info.id.0, p.info.peer_url
             ));
         }
-        self.removed.remove(&info.id);
+        if let Some(inc) = self.removed.remove(&info.id) {
+            self.readmitted.insert(info.id, inc);
+        }
         self.learn(info);
         let mut all = vec![self.cfg.me.clone()];
         all.extend(self.peers.values().map(|p| p.info.clone()));
@@ -1437,6 +1478,7 @@ impl Mesh {
             return Err(format!("node {} is not a member", id.0));
         };
         let incarnation = p.lsa.as_ref().map_or(0, |a| a.incarnation);
+        self.readmitted.remove(&id);
         self.apply_removal(
             Removal { id, incarnation },
             "removed by an operator".to_string(),
