@@ -44,10 +44,13 @@ const LINK_QUEUE: usize = 4096;
 /// Inputs queued for the mesh task.
 const MESH_QUEUE: usize = 16 * 1024;
 
+/// Work run on the mesh task with the mesh and the time.
+pub(crate) type MeshFn = Box<dyn FnOnce(&mut Mesh, Millis) + Send>;
+
 /// An input of the mesh task.
 pub(crate) enum Input {
     Envelope(crate::mesh::Envelope),
-    With(Box<dyn FnOnce(&mut Mesh, Millis) + Send>),
+    With(MeshFn),
     SnapshotDone(Capability, NodeId, SnapshotOutcome),
 }
 

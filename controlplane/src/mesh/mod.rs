@@ -210,6 +210,8 @@ struct CapSync {
     records_applied: u64,
     buffer: VecDeque<Batch>,
     buffered_bytes: usize,
+    /// When the running snapshot transfer began.
+    started_at: Millis,
 }
 
 /// Operator view of one node.
@@ -321,6 +323,7 @@ impl Mesh {
                         records_applied: 0,
                         buffer: VecDeque::new(),
                         buffered_bytes: 0,
+                        started_at: now,
                     },
                 )
             })
@@ -1146,6 +1149,14 @@ impl Mesh {
     }
 
     fn check_gaps(&mut self) {
+        // While a snapshot is awaited, batches are held, not sequenced: nothing to repair.
+        if self
+            .caps
+            .get(&Capability::Usrloc)
+            .is_some_and(|c| c.state != SyncState::Synced)
+        {
+            return;
+        }
         let now = self.now;
         let timeout = self.cfg.gap_timeout;
         let grace = self.cfg.heartbeat_interval * 3;
@@ -1261,6 +1272,7 @@ impl Mesh {
                     }
                     c.tried.insert(donor);
                     c.state = SyncState::Syncing;
+                    c.started_at = now;
                     c.donor = Some(donor);
                 }
                 self.lsa_dirty = true;
@@ -1358,6 +1370,12 @@ impl Mesh {
         match outcome {
             SnapshotOutcome::Verified { watermarks, count } => {
                 c.completed += 1;
+                let took = self.now.saturating_sub(c.started_at);
+                // Each stream resumes at the donor's watermark; an origin the donor did
+                // not know starts over from its first record.
+                for p in self.peers.values_mut() {
+                    p.inbound = Inbound::default();
+                }
                 for w in watermarks {
                     if let Some(p) = self.peers.get_mut(&w.origin) {
                         p.inbound = Inbound {
@@ -1370,8 +1388,10 @@ impl Mesh {
                 self.become_synced(
                     cap,
                     format!(
-                        "{count} records from node {}, count and digest verified",
-                        donor.0
+                        "{count} records from node {} in {}.{:03} s, count and digest verified",
+                        donor.0,
+                        took / 1000,
+                        took % 1000
                     ),
                 );
             }
@@ -1477,7 +1497,12 @@ impl Mesh {
         let Some(p) = self.peers.get(&id) else {
             return Err(format!("node {} is not a member", id.0));
         };
-        let incarnation = p.lsa.as_ref().map_or(0, |a| a.incarnation);
+        // A member never heard from is removed up to "now" on this node's wall clock
+        // (incarnation + uptime): a process started later may join again.
+        let incarnation = p
+            .lsa
+            .as_ref()
+            .map_or(self.cfg.incarnation + self.now, |a| a.incarnation);
         self.readmitted.remove(&id);
         self.apply_removal(
             Removal { id, incarnation },
@@ -1492,7 +1517,7 @@ impl Mesh {
     /// disabled.
     pub fn set_enabled(&mut self, now: Millis, enabled: bool) {
         self.now = self.now.max(now);
-        if self.disabled == !enabled {
+        if self.disabled != enabled {
             return;
         }
         self.disabled = !enabled;
