@@ -92,6 +92,8 @@ pub struct Sipd {
     pub addr: SocketAddr,
     /// Its gRPC control-plane address.
     pub grpc: SocketAddr,
+    /// The wrapper it was started through (also used to run `sipctl` for it).
+    wrapper: Vec<String>,
     stdout_lines: Arc<Mutex<Vec<String>>>,
     stdout_rx: Receiver<String>,
     pub stderr: Arc<Mutex<String>>,
@@ -187,6 +189,7 @@ impl Sipd {
             child,
             addr,
             grpc,
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             stdout_lines,
             stdout_rx,
             stderr,
@@ -204,7 +207,15 @@ impl Sipd {
     /// Runs `sipctl --server <this node> ARGS`; returns its standard output, or the error
     /// output when it fails.
     pub fn sipctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(sipctl_bin())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(sipctl_bin());
+                c
+            }
+            None => Command::new(sipctl_bin()),
+        };
+        let out = cmd
             .arg("--server")
             .arg(self.grpc.to_string())
             .args(args)
