@@ -343,7 +343,6 @@ async fn mesh_loop(
     let clock = shared.clock;
     loop {
         tokio::select! {
-            biased;
             inp = rx.recv() => match inp {
                 Some(Input::Envelope(env)) => mesh.on_envelope(clock.now(), env),
                 Some(Input::With(f)) => f(&mut mesh, clock.now()),

@@ -932,14 +932,20 @@ impl Mesh {
     // Replication
     // ---------------------------------------------------------------------------------
 
+    /// Whether `p` holds the same data as this node: every member in full sharing, the
+    /// twin (same `sip_addr`) in HA pairs. Replication, donors and cold-start elections
+    /// only consider these.
+    fn shares_data(&self, p: &Peer) -> bool {
+        match self.cfg.mode {
+            ClusterMode::FullSharing => true,
+            ClusterMode::HaPair => p.info.sip_addr == self.cfg.me.sip_addr,
+        }
+    }
+
     fn targets(&self) -> Vec<NodeId> {
         self.peers
             .iter()
-            .filter(|(_, p)| p.reachable)
-            .filter(|(_, p)| match self.cfg.mode {
-                ClusterMode::FullSharing => true,
-                ClusterMode::HaPair => p.info.sip_addr == self.cfg.me.sip_addr,
-            })
+            .filter(|(_, p)| p.reachable && self.shares_data(p))
             .map(|(id, _)| *id)
             .collect()
     }
@@ -1244,7 +1250,7 @@ impl Mesh {
             let donors: Vec<NodeId> = self
                 .peers
                 .iter()
-                .filter(|(_, p)| p.reachable && p.link.up)
+                .filter(|(_, p)| p.reachable && p.link.up && self.shares_data(p))
                 .filter(|(_, p)| {
                     p.lsa.as_ref().is_some_and(|a| {
                         !a.disabled
@@ -1285,7 +1291,7 @@ impl Mesh {
                     .push(Action::StartSnapshot { cap, donor: info });
                 continue;
             }
-            let members = self.peers.len();
+            let members = self.peers.values().filter(|p| self.shares_data(p)).count();
             let waited = now.saturating_sub(c.since) >= self.cfg.seed_fallback;
             let reason = if members == 0 && !self.cfg.joining {
                 Some("no other member: nothing to sync".to_string())
@@ -1317,7 +1323,11 @@ impl Mesh {
         let key = |v: u64, prio: u32, id: NodeId| (v, prio, std::cmp::Reverse(id));
         let my_key = key(mine.newest_version, self.cfg.me.priority, self.id());
         let mut n = 1;
-        for p in self.peers.values().filter(|p| p.reachable) {
+        for p in self
+            .peers
+            .values()
+            .filter(|p| p.reachable && self.shares_data(p))
+        {
             let ad = p.lsa.as_ref()?;
             if ad.disabled {
                 continue;

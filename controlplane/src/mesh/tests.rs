@@ -1346,7 +1346,19 @@ fn ha_pair_mode_replicates_only_to_the_twin() {
     net.run_for(3000);
     assert!(net.log(3).applied.is_empty(), "{:?}", net.log(3).applied);
     assert_eq!(net.get(3).stats().resend_requests, 0);
-    assert_eq!(net.log(3).snapshots.len(), 1);
+    // Without a twin node 3 shares data with no one: it never pulled a snapshot.
+    assert!(
+        net.log(3).snapshots.is_empty(),
+        "{:?}",
+        net.log(3).snapshots
+    );
+    assert_eq!(net.get(3).sync_state(Capability::Usrloc), SyncState::Synced);
+    // Node 2 synced from its twin.
+    assert!(
+        net.log(2).snapshots.iter().all(|s| s.1 == 1),
+        "{:?}",
+        net.log(2).snapshots
+    );
     // Node 3's own batches go nowhere (no twin).
     net.batch(3, 8, 1);
     assert!(net.log(1).applied.is_empty() && net.log(2).applied.len() == 2);
