@@ -1363,3 +1363,52 @@ fn ha_pair_mode_replicates_only_to_the_twin() {
     net.batch(3, 8, 1);
     assert!(net.log(1).applied.is_empty() && net.log(2).applied.len() == 2);
 }
+
+#[test]
+fn a_member_never_heard_from_is_removed_until_a_process_started_later_joins() {
+    let mut net = synced_cluster(2, |_| {});
+    let now = net.now;
+    // Node 9 is announced (a join through node 1) but never speaks.
+    net.node(1).on_join(now, info(9)).expect("join");
+    net.run_for(100);
+    assert!(
+        net.view(2, 9).is_some(),
+        "node 2 learned node 9 from node 1"
+    );
+    let now = net.now;
+    net.node(2).remove_node(now, NodeId(9)).expect("remove");
+    net.run_for(100);
+    assert!(net.view(1, 9).is_none() && net.view(2, 9).is_none());
+
+    // A process with node 9's id that was already running at the removal stays out...
+    let mut old = config(9);
+    old.joining = true;
+    net.add(old, vec![info(1)]);
+    net.run_for(2000);
+    assert!(net.view(1, 9).is_none(), "{:?}", net.view(1, 9));
+    assert!(net.view(2, 9).is_none());
+
+    // ...one started after it joins again (a removed node comes back only by joining).
+    let mut newer = config(9);
+    newer.incarnation = incarnation(2) + net.now + 60_000;
+    newer.joining = true;
+    net.add(newer, Vec::new());
+    let now = net.now;
+    let members = net.node(1).on_join(now, info(9)).expect("join");
+    net.node(9).on_join_reply(now, members);
+    net.run_until(5000, |n| n.view(1, 9).is_some_and(|v| v.state == "up"))
+        .expect("a restarted node 9 is a member again");
+}
+
+#[test]
+fn the_synced_event_gives_the_transfer_time() {
+    let net = synced_cluster(3, |_| {});
+    let ev: Vec<&Event> = net.events(2, "synced", 2);
+    let last = ev.last().expect("node 2 synced");
+    assert!(
+        last.reason.contains(" records from node 1 in ")
+            && last.reason.ends_with(" s, count and digest verified"),
+        "{}",
+        last.reason
+    );
+}
