@@ -87,20 +87,22 @@ if [ "$MODE" = lag ]; then
     start_node 2 127.0.0.62 --join 127.0.0.61:50051
     wait_synced 127.0.0.61; wait_synced 127.0.0.62
     ctl 127.0.0.62 sync status --reset-lag > /dev/null
-    c0=$(cpu_ticks "${PIDS[0]}")
+    c0=$(cpu_ticks "${PIDS[0]}"); d0=$(cpu_ticks "${PIDS[1]}")
     read -r ok fail < <(sipp_reg 127.0.0.61 127.0.0.63 5070 "$RATE" "$CALLS" lag)
-    c1=$(cpu_ticks "${PIDS[0]}")
     sleep 0.5
+    c1=$(cpu_ticks "${PIDS[0]}"); d1=$(cpu_ticks "${PIDS[1]}")
     ctl 127.0.0.62 sync status > "$OUT/lag.json"
     tck=$(getconf CLK_TCK)
-    python3 - "$OUT/lag.json" "$ok" "$fail" "$c0" "$c1" "$tck" "$RATE" <<'PY'
+    python3 - "$OUT/lag.json" "$ok" "$fail" "$c0" "$c1" "$tck" "$RATE" "$d0" "$d1" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))[0]
-ok, fail, c0, c1, tck, rate = map(int, sys.argv[2:])
+ok, fail, c0, c1, tck, rate, d0, d1 = map(int, sys.argv[2:])
 cpu = (c1 - c0) / tck
+cpu2 = (d1 - d0) / tck
 print(f"lag rate={rate}/s ok={ok} fail={fail} samples={d['lag_samples']} "
       f"p50={d['lag_p50_us']/1000:.2f}ms p99={d['lag_p99_us']/1000:.2f}ms max={d['lag_max_us']/1000:.2f}ms "
-      f"node1_cpu={cpu:.2f}s ({cpu*1e6/max(ok,1):.1f} us/REGISTER incl. replication)")
+      f"node1_cpu={cpu:.2f}s ({cpu*1e6/max(ok,1):.1f} us/REGISTER incl. replication) "
+      f"node2_cpu={cpu2:.2f}s ({cpu2*1e6/max(d['lag_samples'],1):.1f} us/record applied)")
 PY
 else
     start_node 1 127.0.0.61
