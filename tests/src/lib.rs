@@ -136,10 +136,12 @@ impl Sipd {
             }
             None => Command::new(sipd_bin()),
         };
-        // The gRPC port sits 40000 above the SIP port on the same address unless given.
+        // The gRPC port sits 40000 above the SIP port on the same address unless given
+        // (or chosen by the system when that does not fit); the address actually bound is
+        // read from sipd's start-up line.
         let grpc = match extra_args.iter().position(|a| *a == "--grpc") {
             Some(i) => extra_args[i + 1].parse().expect("--grpc IP:PORT"),
-            None => SocketAddr::new(addr.ip(), addr.port() + 40000),
+            None => SocketAddr::new(addr.ip(), addr.port().checked_add(40000).unwrap_or(0)),
         };
         if !extra_args.contains(&"--grpc") {
             cmd.arg("--grpc").arg(grpc.to_string());
@@ -196,6 +198,18 @@ impl Sipd {
         };
         if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
             panic!("sipd did not start: {}", s.stderr.lock().unwrap());
+        }
+        let bound = s
+            .stderr
+            .lock()
+            .unwrap()
+            .split_whitespace()
+            .skip_while(|w| *w != "grpc")
+            .nth(1)
+            .and_then(|a| a.parse().ok());
+        let mut s = s;
+        if let Some(g) = bound {
+            s.grpc = g;
         }
         s
     }
