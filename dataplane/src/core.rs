@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use sip_wire::{Checked, ErrorKind, Framing, HeaderName, Message, Method, StartLine, Via, Writer};
 
 use crate::date::DateCache;
+use crate::durable::Gate;
 use crate::io::{Dest, Handler, Millis, Outbox, Source, Transport};
 use crate::registrar::{RegReply, Registrar};
 
@@ -37,6 +38,9 @@ pub struct CoreStats {
     pub acks_absorbed: AtomicU64,
     /// Replies that did not fit the send buffer.
     pub reply_overflow: AtomicU64,
+    /// REGISTERs refused (503) because no room was left to park their reply (sync
+    /// durability).
+    pub durability_busy: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +60,8 @@ impl Default for CoreConfig {
 pub struct Core {
     cfg: CoreConfig,
     registrar: Registrar,
+    /// `sync` durability: REGISTER replies wait for their records to be durable.
+    gate: Option<Gate>,
     stats: Arc<CoreStats>,
     date: DateCache,
     tag_key: std::hash::RandomState,
@@ -75,6 +81,7 @@ impl Core {
         Core {
             cfg,
             registrar,
+            gate: None,
             stats,
             date: DateCache::default(),
             tag_key: std::hash::RandomState::new(),
@@ -83,6 +90,18 @@ impl Core {
 
     pub fn registrar(&self) -> &Registrar {
         &self.registrar
+    }
+
+    /// `sync` durability: every 200 to a REGISTER is held until the change records the
+    /// worker had pushed when it was decided are durable (see [`crate::durable`]).
+    pub fn with_durability_gate(mut self, gate: Gate) -> Core {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Replies waiting for durability.
+    pub fn parked_replies(&self) -> usize {
+        self.gate.as_ref().map_or(0, Gate::pending)
     }
 
     /// A To tag for a stateless reply: the same for retransmissions of a request (hash of
@@ -233,11 +252,36 @@ impl Core {
                     .header("Supported", SUPPORTED_HEADER);
             });
         }
+        // Sync durability: the 200 will be parked, so there must be room for it before
+        // anything changes.
+        if let Some(g) = self.gate.as_mut()
+            && !g.has_room()
+        {
+            self.stats.durability_busy.fetch_add(1, Relaxed);
+            return self.reply(&req, out, 503, "Durability Queue Full", |_, w| {
+                w.put(b"Retry-After: 1\r\n");
+            });
+        }
         match self.registrar.register(m, &checked, src, now) {
-            RegReply::Ok => self.reply(&req, out, 200, "OK", |core, w| {
-                core.registrar.write_bindings(m, w, now);
-                w.header("Supported", SUPPORTED_HEADER);
-            }),
+            RegReply::Ok => {
+                let ok = |core: &Self, w: &mut Writer<'_>| {
+                    core.registrar.write_bindings(m, w, now);
+                    w.header("Supported", SUPPORTED_HEADER);
+                };
+                // The reply shows bindings whose records may not be durable yet: it waits
+                // for every record this worker has pushed so far.
+                let pos = self.registrar.records_pushed();
+                match self.gate.take() {
+                    Some(mut g) if !g.is_durable(pos) => {
+                        self.reply(&req, &mut g.parking(pos), 200, "OK", ok);
+                        self.gate = Some(g);
+                    }
+                    g => {
+                        self.gate = g;
+                        self.reply(&req, out, 200, "OK", ok);
+                    }
+                }
+            }
             RegReply::Reject(r) => self.reply(&req, out, r.code, r.reason, |_, w| {
                 if let Some(me) = r.min_expires {
                     // RFC 3261 §10.3 step 7 / §21.4.17
@@ -378,7 +422,20 @@ impl Handler for Core {
         }
     }
 
-    fn on_tick<O: Outbox>(&mut self, now: Millis, _out: &mut O) {
+    fn on_tick<O: Outbox>(&mut self, now: Millis, out: &mut O) {
         self.registrar.on_tick(now);
+        if let Some(g) = self.gate.as_mut() {
+            g.release(out);
+        }
+    }
+
+    fn doorbell(&self) -> Option<std::os::fd::RawFd> {
+        self.gate.as_ref().map(Gate::doorbell)
+    }
+
+    fn on_wake<O: Outbox>(&mut self, _now: Millis, out: &mut O) {
+        if let Some(g) = self.gate.as_mut() {
+            g.release(out);
+        }
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod core;
 pub mod date;
+pub mod durable;
 pub mod io;
 pub mod registrar;

@@ -209,6 +209,16 @@ impl Registrar {
         &self.cfg
     }
 
+    /// Change records this worker has pushed so far (its ring position).
+    pub fn records_pushed(&self) -> u64 {
+        self.changes.stats().pushed()
+    }
+
+    /// Puts an AoR loaded at start (restart recovery) on this worker's expiry wheel.
+    pub fn schedule_expiry(&mut self, key: Arc<[u8]>, expires_at: u32) {
+        self.wheel.insert(expires_at, key);
+    }
+
     /// Canonical AoR of a SIP URI: unescaped user, '@', lower-case host. Escaped NULs
     /// stay in the key (RFC 4475 §3.1.1.4): an AoR is never truncated.
     fn canonical_aor(out: &mut Vec<u8>, uri: &Uri<'_>) -> bool {

@@ -10,7 +10,7 @@ use super::conn::{CloseReason, Conn, Conns, begin_close, pick_udp, process_strea
 use super::sockets::{Bound, WorkerSockets, conn_addrs, tune_accepted};
 use super::spawn::Stop;
 use super::stats::{IoStats, bump};
-use super::sys::{EPOLLIN, EPOLLOUT, Epoll, Events, RecvBatch, SendBatch};
+use super::sys::{EPOLLIN, EPOLLOUT, Epoll, Events, RecvBatch, SendBatch, eventfd_drain};
 use super::{ConnId, Dest, Handler, IoConfig, Millis, Outbox, Source, Transport, now_millis};
 
 /// Datagrams per `recvmmsg` / `sendmmsg`.
@@ -24,6 +24,8 @@ const ACCEPTS: usize = 64;
 
 // epoll token: kind in the top 8 bits, a 24-bit generation, a 32-bit index.
 const TK_UDP: u64 = 1;
+/// The handler's doorbell (an eventfd).
+const TK_BELL: u64 = 4;
 const TK_LISTEN: u64 = 2;
 const TK_CONN: u64 = 3;
 
@@ -141,6 +143,12 @@ impl EpollDriver {
 
     pub(crate) fn run<H: Handler>(mut self, handler: &mut H, stats: &IoStats, stop: &Stop) {
         let mut next_tick = now_millis();
+        let bell = handler.doorbell();
+        if let Some(fd) = bell
+            && let Err(e) = self.ep.add(fd, EPOLLIN, token(TK_BELL, 0, 0))
+        {
+            eprintln!("sipd: worker cannot wait on its doorbell: {e}");
+        }
         loop {
             let now = now_millis();
             if now >= next_tick {
@@ -176,6 +184,21 @@ impl EpollDriver {
                 match kind {
                     TK_UDP => self.udp_ready(idx as usize, handler, stats, now),
                     TK_LISTEN => self.accept_ready(idx as usize, stats, now),
+                    TK_BELL => {
+                        if let Some(fd) = bell {
+                            eventfd_drain(fd);
+                        }
+                        let mut out = EpollOut {
+                            tx: &mut self.tx,
+                            udp_fds: &self.udp_fds,
+                            udp_locals: &self.udp_locals,
+                            cur_udp: None,
+                            conns: &mut self.conns,
+                            scratch: &mut self.scratch,
+                            stats,
+                        };
+                        handler.on_wake(now, &mut out);
+                    }
                     TK_CONN => {
                         if self.conns.generation(idx).map(|g| g & 0xff_ffff) != Some(generation) {
                             continue; // stale event of a closed connection

@@ -73,6 +73,13 @@ pub trait Handler {
     fn on_oversize<O: Outbox>(&mut self, head: &[u8], src: &Source, now: Millis, out: &mut O);
     /// Called at least every tick interval, also when idle: timers run here.
     fn on_tick<O: Outbox>(&mut self, now: Millis, out: &mut O);
+    /// An eventfd the driver should wait on besides its sockets (see [`Doorbell`]); asked
+    /// once when the driver starts. The handler keeps it open while the driver runs.
+    fn doorbell(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The doorbell rang.
+    fn on_wake<O: Outbox>(&mut self, _now: Millis, _out: &mut O) {}
 }
 
 /// Read the wall clock (vDSO, no system call on Linux x86_64).
@@ -95,3 +102,4 @@ mod uring;
 pub use config::{Backend, IoConfig};
 pub use spawn::{Workers, spawn_workers};
 pub use stats::{IoStats, IoStatsSnapshot};
+pub use sys::Doorbell;

@@ -348,3 +348,56 @@ impl SendBatch {
         (sent, failed)
     }
 }
+
+/// An eventfd another thread rings to wake a worker (the persistence thread, when the
+/// records a parked reply waits for are durable). The worker waits on it in its ring (a
+/// read of 8 octets) or in its epoll set.
+pub struct Doorbell {
+    fd: OwnedFd,
+}
+
+impl std::fmt::Debug for Doorbell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Doorbell").field("fd", &self.fd).finish()
+    }
+}
+
+impl Doorbell {
+    /// A new non-blocking eventfd.
+    pub fn new() -> io::Result<Doorbell> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        Ok(Doorbell {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Wakes the worker (adds 1 to the counter; never blocks).
+    pub fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 octets from a live u64 to a descriptor this value owns.
+        let _ = unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                (&one as *const u64).cast::<libc::c_void>(),
+                8,
+            )
+        };
+    }
+
+    /// The descriptor, for the worker's ring or epoll set (valid while `self` lives).
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Resets an eventfd's counter (epoll driver; the io_uring driver reads it in the ring).
+pub(crate) fn eventfd_drain(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads at most 8 octets into a live u64; a non-blocking eventfd never blocks.
+    let _ = unsafe { libc::read(fd, (&mut v as *mut u64).cast::<libc::c_void>(), 8) };
+}

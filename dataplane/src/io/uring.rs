@@ -42,6 +42,7 @@ const UD_ACCEPT: u64 = 3;
 const UD_TCP_RECV: u64 = 4;
 const UD_TCP_SEND: u64 = 5;
 const UD_CANCEL: u64 = 6;
+const UD_DOORBELL: u64 = 7;
 
 fn ud(kind: u64, idx: u32) -> u64 {
     (kind << 32) | u64::from(idx)
@@ -309,6 +310,11 @@ pub(crate) struct UringDriver {
     tick_ms: u64,
     /// Whether the ring got SINGLE_ISSUER|DEFER_TASKRUN.
     fast_flags: bool,
+    /// The handler's doorbell (an eventfd the handler owns and keeps open while `run`
+    /// runs), the 8 octets its read lands in, and whether that read is in flight.
+    doorbell: Option<RawFd>,
+    doorbell_buf: Box<[u8; 8]>,
+    doorbell_armed: bool,
 }
 
 /// A ring with SINGLE_ISSUER|DEFER_TASKRUN, or without flags where the kernel refuses them
@@ -421,12 +427,16 @@ impl UringDriver {
             max: cfg.max_message_size,
             tick_ms: cfg.tick_ms,
             fast_flags,
+            doorbell: None,
+            doorbell_buf: Box::new([0; 8]),
+            doorbell_armed: false,
         }
     }
 
     /// Run until `shutdown` is set, then cancel everything and drain the ring.
     pub(crate) fn run<H: Handler>(mut self, handler: &mut H, stats: &IoStats, stop: &Stop) {
         let mut next_tick = now_millis();
+        self.doorbell = handler.doorbell();
         loop {
             let now = now_millis();
             if now >= next_tick {
@@ -510,6 +520,20 @@ impl UringDriver {
                 self.tx.inflight += 1;
             }
         }
+        if let Some(fd) = self.doorbell
+            && !self.doorbell_armed
+        {
+            let e = opcode::Read::new(Fd(fd), self.doorbell_buf.as_mut_ptr(), 8)
+                .build()
+                .user_data(ud(UD_DOORBELL, 0));
+            // SAFETY: the 8-octet buffer is boxed (stable address) and owned by the driver;
+            // the eventfd is kept open by the handler while `run` runs, and teardown drains
+            // every operation before `run` returns.
+            if unsafe { push_sqe(&mut self.ring, &e) } {
+                self.doorbell_armed = true;
+                self.tx.inflight += 1;
+            }
+        }
     }
 
     fn complete<H: Handler>(
@@ -556,6 +580,19 @@ impl UringDriver {
                 self.service(idx, stats);
             }
             UD_CANCEL => self.tx.op_done(),
+            UD_DOORBELL => {
+                self.tx.op_done();
+                self.doorbell_armed = false;
+                if res >= 0 {
+                    let mut out = UringOut {
+                        ring: &mut self.ring,
+                        tx: &mut self.tx,
+                        stats,
+                        cur_udp: None,
+                    };
+                    handler.on_wake(now, &mut out);
+                }
+            }
             _ => {}
         }
     }
