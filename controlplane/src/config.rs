@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 use crate::mesh::ClusterMode;
+use crate::store::persist::Durability;
 use sipmesh_dataplane::io::{Backend, IoConfig};
 use sipmesh_dataplane::registrar::{MaxContactsPolicy, RegistrarConfig};
 
@@ -24,7 +25,19 @@ struct FileConfig {
     sip: SipSection,
     tcp: TcpSection,
     registrar: RegistrarSection,
+    store: StoreSection,
     usrloc: UsrlocSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    enabled: bool,
+    data_dir: String,
+    durability: String,
+    flush_ms: u64,
+    wal_sync_ms: u64,
+    park_bytes: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,9 +197,21 @@ pub fn check_peer_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Restart persistence.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub enabled: bool,
+    pub data_dir: std::path::PathBuf,
+    pub durability: Durability,
+    pub flush_ms: u64,
+    pub wal_sync_ms: u64,
+    pub park_bytes: usize,
+}
+
 /// The validated configuration of one node.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub store: StoreConfig,
     pub node_id: u16,
     pub cluster: ClusterConfig,
     pub io: IoConfig,
@@ -367,6 +392,36 @@ impl Config {
             sync_timeout_ms: c.sync_timeout_ms,
             replay_buffer_bytes: c.replay_buffer_bytes,
         };
+        let st = &f.store;
+        if st.enabled && st.data_dir.is_empty() {
+            return Err(err("store.data_dir", "must name a directory when the store is enabled"));
+        }
+        let Some(durability) = Durability::parse(&st.durability) else {
+            return Err(err(
+                "store.durability",
+                format!("`{}` is not one of async, sync", st.durability),
+            ));
+        };
+        if !(1..=1000).contains(&st.flush_ms) {
+            return Err(err("store.flush_ms", "must be between 1 and 1000"));
+        }
+        if !(1..=60_000).contains(&st.wal_sync_ms) {
+            return Err(err("store.wal_sync_ms", "must be between 1 and 60000"));
+        }
+        if st.park_bytes < f.sip.max_message_size {
+            return Err(err(
+                "store.park_bytes",
+                format!("must hold at least one message of sip.max_message_size ({})", f.sip.max_message_size),
+            ));
+        }
+        let store = StoreConfig {
+            enabled: st.enabled,
+            data_dir: st.data_dir.clone().into(),
+            durability,
+            flush_ms: st.flush_ms,
+            wal_sync_ms: st.wal_sync_ms,
+            park_bytes: st.park_bytes,
+        };
         let udp = addrs("listen.udp", &f.listen.udp)?;
         let tcp = addrs("listen.tcp", &f.listen.tcp)?;
         if udp.is_empty() && tcp.is_empty() {
@@ -464,6 +519,7 @@ impl Config {
             ));
         }
         Ok(Config {
+            store,
             node_id: f.node.id,
             cluster,
             io: IoConfig {
@@ -545,6 +601,9 @@ mod tests {
             ),
             ("[cluster]\njoin = [\"nope\"]\n", "cluster.join[0]"),
             ("[cluster]\nmode = \"mesh\"\n", "cluster.mode"),
+            ("[store]\ndurability = \"fsync\"\n", "store.durability"),
+            ("[store]\ndata_dir = \"\"\n", "store.data_dir"),
+            ("[store]\npark_bytes = 10\n", "store.park_bytes"),
             (
                 "[cluster]\nheartbeat_retries = 0\n",
                 "cluster.heartbeat_retries",

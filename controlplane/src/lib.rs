@@ -6,6 +6,7 @@ pub mod grpc;
 pub mod mesh;
 pub mod metrics;
 pub mod node;
+pub mod store;
 
 /// Generated protobuf and gRPC code (`proto/sipmesh.proto`).
 pub mod pb {

@@ -12,8 +12,12 @@ use sipmesh_dataplane::core::{Core, CoreConfig, CoreStats};
 use sipmesh_dataplane::io::{self, Workers};
 use sipmesh_dataplane::registrar::{Registrar, RegistrarStats};
 
+use sipmesh_dataplane::durable::{DurableShared, Gate};
+
 use crate::config::Config;
 use crate::grpc::{ControlOptions, ControlPlane, ControlStats};
+use crate::store::persist::{Durability, PersistConfig, PersistStats, Persister};
+use crate::store::{LoadReport, Store};
 
 /// Options that are not part of the configuration file.
 #[derive(Debug, Clone, Default)]
@@ -32,9 +36,18 @@ pub struct Node {
     pub control_stats: Arc<ControlStats>,
     /// The gRPC address the control plane listens on.
     pub grpc_addr: std::net::SocketAddr,
+    /// Write-behind counters (None: no store).
+    pub persist_stats: Option<Arc<PersistStats>>,
+    /// What recovery loaded at start.
+    pub recovered: LoadReport,
     shutdown: Arc<AtomicBool>,
     workers_done: Arc<AtomicBool>,
     control: Option<ControlPlane>,
+    persister: Option<Persister>,
+}
+
+fn other(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 impl Node {
@@ -46,6 +59,63 @@ impl Node {
     ) -> std::io::Result<Node> {
         let n = config.io.workers;
         let usrloc = Arc::new(Usrloc::new(config.usrloc_capacity));
+        // Recovery: what the store holds is in the table before anything is served.
+        let mut recovered = LoadReport::default();
+        let store = if config.store.enabled {
+            let store = Store::open(
+                &config.store.data_dir,
+                config.node_id,
+                config.cluster.cluster_id,
+            )
+            .map_err(other)?;
+            let now_s = (io::now_millis() / 1000) as u32;
+            recovered = store
+                .load_contacts(&usrloc, now_s, |loaded, expired| {
+                    eprintln!("sipd: recovery: {loaded} contacts loaded, {expired} expired so far");
+                })
+                .map_err(other)?;
+            if recovered.loaded > 0 || recovered.expired > 0 {
+                eprintln!(
+                    "sipd: recovery: {} contacts in {} AoRs loaded from {} in {:.2} s ({:.0}/s); {} had expired and were dropped",
+                    recovered.loaded,
+                    recovered.aors,
+                    config.store.data_dir.display(),
+                    recovered.seconds,
+                    recovered.loaded as f64 / recovered.seconds.max(1e-6),
+                    recovered.expired
+                );
+            }
+            Some(Arc::new(store))
+        } else {
+            None
+        };
+        let sync = store.is_some() && config.store.durability == Durability::Sync;
+        let gates: Vec<Arc<DurableShared>> = if sync {
+            (0..n)
+                .map(|_| DurableShared::new())
+                .collect::<std::io::Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let persister = match &store {
+            Some(st) => Some(Persister::start(
+                st.clone(),
+                usrloc.clone(),
+                PersistConfig {
+                    durability: config.store.durability,
+                    flush_ms: config.store.flush_ms,
+                    wal_sync_ms: config.store.wal_sync_ms,
+                },
+                gates.clone(),
+            )?),
+            None => None,
+        };
+        // Loaded AoRs go on the workers' expiry wheels, spread evenly.
+        let mut expiries: Vec<Vec<(Arc<[u8]>, u32)>> = (0..n).map(|_| Vec::new()).collect();
+        for (k, (aor, at)) in std::mem::take(&mut recovered.expiries).into_iter().enumerate() {
+            expiries[k % n.max(1)].push((aor, at));
+        }
+        let expiries = Arc::new(Mutex::new(expiries));
         let mut producers = Vec::with_capacity(n);
         let mut consumers = Vec::with_capacity(n);
         for _ in 0..n {
@@ -65,6 +135,9 @@ impl Node {
                 server_header: config.server_header.clone(),
             };
             let node = NodeId(config.node_id);
+            let gates = gates.clone();
+            let park_bytes = config.store.park_bytes;
+            let max_msg = config.io.max_message_size;
             move |i: usize| {
                 // Start-up only: each worker takes its ring's producing half once.
                 let producer = producers
@@ -72,7 +145,7 @@ impl Node {
                     .ok()
                     .and_then(|mut v| v.get_mut(i).and_then(Option::take));
                 let producer = producer.expect("one change ring per worker");
-                let registrar = Registrar::new(
+                let mut registrar = Registrar::new(
                     reg_cfg.clone(),
                     usrloc.clone(),
                     producer,
@@ -81,7 +154,19 @@ impl Node {
                     io::now_millis(),
                     registrar_stats[i].clone(),
                 );
-                Core::new(core_cfg.clone(), registrar, core_stats[i].clone())
+                let mine = expiries
+                    .lock()
+                    .ok()
+                    .map(|mut v| std::mem::take(&mut v[i]))
+                    .unwrap_or_default();
+                for (aor, at) in mine {
+                    registrar.schedule_expiry(aor, at);
+                }
+                let core = Core::new(core_cfg.clone(), registrar, core_stats[i].clone());
+                match gates.get(i) {
+                    Some(g) => core.with_durability_gate(Gate::new(g.clone(), park_bytes, max_msg)),
+                    None => core,
+                }
             }
         };
         let workers_done = Arc::new(AtomicBool::new(false));
@@ -92,8 +177,11 @@ impl Node {
             consumers,
             ControlOptions {
                 dump_changes: opts.dump_changes,
+                newest_version: recovered.newest_version,
             },
             workers_done.clone(),
+            store.clone(),
+            persister.as_ref().map(Persister::sender),
         )?;
         let workers = match io::spawn_workers(&config.io, make, shutdown.clone()) {
             Ok(w) => w,
@@ -111,9 +199,12 @@ impl Node {
             registrar_stats,
             control_stats: control.stats.clone(),
             grpc_addr: control.grpc_addr,
+            persist_stats: persister.as_ref().map(|p| p.stats.clone()),
+            recovered,
             shutdown,
             workers_done,
             control: Some(control),
+            persister,
         })
     }
 
@@ -129,6 +220,10 @@ impl Node {
         self.workers_done.store(true, Ordering::SeqCst);
         if let Some(c) = self.control.take() {
             c.join();
+        }
+        // Then the write-behind writes (and syncs) what it was given.
+        if let Some(p) = self.persister.take() {
+            p.stop();
         }
         r
     }

@@ -94,6 +94,8 @@ pub struct Sipd {
     pub grpc: SocketAddr,
     /// The wrapper it was started through (also used to run `sipctl` for it).
     wrapper: Vec<String>,
+    /// The data directory the harness chose (removed on drop).
+    own_data: Option<PathBuf>,
     stdout_lines: Arc<Mutex<Vec<String>>>,
     stdout_rx: Receiver<String>,
     pub stderr: Arc<Mutex<String>>,
@@ -146,6 +148,15 @@ impl Sipd {
         if !extra_args.contains(&"--grpc") {
             cmd.arg("--grpc").arg(grpc.to_string());
         }
+        // A store of its own, removed with the process, unless the test names one.
+        let own_data = if extra_args.contains(&"--data-dir") || extra_args.contains(&"--no-store") {
+            None
+        } else {
+            let d = dir.join("data");
+            let _ = std::fs::remove_dir_all(&d);
+            cmd.arg("--data-dir").arg(&d);
+            Some(d)
+        };
         let mut child = cmd
             .arg("--config")
             .arg(&cfg_path)
@@ -192,6 +203,7 @@ impl Sipd {
             addr,
             grpc,
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
+            own_data,
             stdout_lines,
             stdout_rx,
             stderr,
@@ -311,6 +323,9 @@ impl Sipd {
 impl Drop for Sipd {
     fn drop(&mut self) {
         self.terminate();
+        if let Some(d) = &self.own_data {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 

@@ -103,7 +103,9 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
+            if let Some(x) = w.get_mut(i) {
+                *x = (*x).max(c.len());
+            }
         }
     }
     let line = |cells: Vec<String>| {
@@ -112,7 +114,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             if i + 1 == cells.len() {
                 out.push_str(c);
             } else {
-                let _ = write!(out, "{:<width$}  ", c, width = w[i]);
+                let _ = write!(out, "{:<width$}  ", c, width = w.get(i).copied().unwrap_or(0));
             }
         }
         println!("{}", out.trim_end());
@@ -376,6 +378,7 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                         "FAILED",
                         "GAPS-REPAIRED",
                         "APPLIED",
+                        "LAG-P50/P99",
                         "LAST",
                     ],
                     r.capabilities

@@ -7,6 +7,7 @@ use std::time::Duration;
 use mimalloc::MiMalloc;
 use sipmesh_controlplane::config::{Config, DEFAULT_TOML, check_peer_url};
 use sipmesh_controlplane::node::{Node, RunOptions};
+use sipmesh_controlplane::store::persist::Durability;
 use sipmesh_dataplane::io::Backend;
 
 #[global_allocator]
@@ -41,6 +42,10 @@ OPTIONS:
         --seed             this node may declare itself synced when no donor
                            answers within cluster.seed_fallback_ms
         --cluster-id N     cluster id (default 1)
+        --data-dir DIR     where the store (RocksDB) lives (default ./data)
+        --durability M     async (default) or sync: answer a REGISTER only once its
+                           change is in the synced write-ahead log
+        --no-store         keep everything in memory only
         --dump-changes     print every change record (binding added, refreshed,
                            removed, expired) on standard output
         --check-config     validate the configuration and exit
@@ -74,6 +79,9 @@ fn main() {
     let mut cluster_id: Option<String> = None;
     let mut join: Vec<String> = Vec::new();
     let mut seed = false;
+    let mut data_dir: Option<String> = None;
+    let mut durability: Option<String> = None;
+    let mut no_store = false;
     while let Some(a) = args.next() {
         let mut value = |name: &str| {
             args.next()
@@ -88,6 +96,9 @@ fn main() {
             "--cluster-id" => cluster_id = Some(value(&a)),
             "--join" => join.push(value(&a)),
             "--seed" => seed = true,
+            "--data-dir" => data_dir = Some(value(&a)),
+            "--durability" => durability = Some(value(&a)),
+            "--no-store" => no_store = true,
             "--udp" => udp.push(value(&a)),
             "--tcp" => tcp.push(value(&a)),
             "-w" | "--workers" => workers = Some(value(&a)),
@@ -185,6 +196,19 @@ fn main() {
     }
     if seed {
         cfg.cluster.seed = true;
+    }
+    if let Some(d) = data_dir {
+        if d.is_empty() {
+            fail("--data-dir: needs a directory");
+        }
+        cfg.store.data_dir = d.into();
+    }
+    if let Some(d) = durability {
+        cfg.store.durability = Durability::parse(&d)
+            .unwrap_or_else(|| fail(format!("--durability: `{d}` is not one of async, sync")));
+    }
+    if no_store {
+        cfg.store.enabled = false;
     }
     if check_only {
         println!("configuration ok");

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use sipmesh_cluster::change::{ChangeRecord, ChangeRef};
 use sipmesh_cluster::ring::ChangeConsumer;
-use sipmesh_cluster::usrloc::Usrloc;
+use sipmesh_cluster::usrloc::{Applied, Usrloc};
 use sipmesh_cluster::{Digest, NodeId};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,6 +34,8 @@ use crate::mesh::{
 use crate::metrics::Histogram;
 use crate::node::format_change;
 use crate::pb;
+use crate::store::Store;
+use crate::store::persist::PersistSender;
 
 /// Largest replication batch (bytes of framed records) the drain builds.
 const MAX_BATCH_BYTES: usize = 512 * 1024;
@@ -81,6 +83,10 @@ pub(crate) struct Shared {
     pub tx: mpsc::Sender<Input>,
     pub stats: Arc<ControlStats>,
     pub clock: Clock,
+    /// The store, for `sipctl db`.
+    pub store: Option<Arc<Store>>,
+    /// Write-behind of replicated records once applied.
+    pub persist: Option<PersistSender>,
 }
 
 impl Shared {
@@ -116,6 +122,9 @@ impl Clock {
 pub struct ControlOptions {
     /// Print every drained change record.
     pub dump_changes: bool,
+    /// Newest object version recovered from the store (cold-start election, and where a
+    /// restarted node's first sync resumes).
+    pub newest_version: u64,
 }
 
 /// The running control plane.
@@ -137,6 +146,8 @@ impl ControlPlane {
         rings: Vec<ChangeConsumer>,
         opts: ControlOptions,
         workers_done: Arc<AtomicBool>,
+        store: Option<Arc<Store>>,
+        persist: Option<PersistSender>,
     ) -> std::io::Result<ControlPlane> {
         let listener = TcpListener::bind(config.cluster.grpc_listen).map_err(|e| {
             std::io::Error::new(
@@ -195,17 +206,28 @@ impl ControlPlane {
         let thread = std::thread::Builder::new()
             .name("sipd-control".into())
             .spawn(move || {
+                let (tx, rx) = mpsc::channel(MESH_QUEUE);
+                let shared = Shared {
+                    cluster_id: mc.cluster_id,
+                    me: mc.me.id,
+                    usrloc,
+                    tx,
+                    stats: st,
+                    clock: Clock(Instant::now()),
+                    store,
+                    persist,
+                };
                 runtime.block_on(run(
                     mc,
                     members,
                     join,
                     sync_timeout,
                     listener,
-                    usrloc,
+                    shared,
+                    rx,
                     rings,
                     opts,
                     workers_done,
-                    st,
                 ));
                 runtime.shutdown_timeout(Duration::from_millis(200));
             })?;
@@ -231,22 +253,14 @@ async fn run(
     join: Vec<String>,
     sync_timeout: Duration,
     listener: TcpListener,
-    usrloc: Arc<Usrloc>,
+    shared: Shared,
+    rx: mpsc::Receiver<Input>,
     rings: Vec<ChangeConsumer>,
     opts: ControlOptions,
     workers_done: Arc<AtomicBool>,
-    stats: Arc<ControlStats>,
 ) {
-    let clock = Clock(Instant::now());
-    let (tx, rx) = mpsc::channel(MESH_QUEUE);
-    let shared = Shared {
-        cluster_id: mc.cluster_id,
-        me: mc.me.id,
-        usrloc: usrloc.clone(),
-        tx: tx.clone(),
-        stats: stats.clone(),
-        clock,
-    };
+    let clock = shared.clock;
+    let tx = shared.tx.clone();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => Some(tokio::spawn(services::serve(shared.clone(), l, stop_rx))),
@@ -259,7 +273,8 @@ async fn run(
     for url in join {
         tokio::spawn(join_through(url, me.clone(), mc.cluster_id, tx.clone()));
     }
-    let mesh = Mesh::new(mc, members, clock.now());
+    let mut mesh = Mesh::new(mc, members, clock.now());
+    mesh.set_newest_version(Capability::Usrloc, opts.newest_version);
     mesh_loop(mesh, shared, rx, rings, opts, workers_done, sync_timeout).await;
     let _ = stop_tx.send(());
     if let Some(s) = server {
@@ -384,6 +399,9 @@ fn drain_rings(
     let mut flush = |buf: &mut BytesMut, count: &mut u32| {
         if *count > 0 {
             let records: Bytes = buf.split().freeze();
+            if let Some(p) = &shared.persist {
+                p.records(records.clone());
+            }
             mesh.local_batch(shared.clock.now(), records, *count);
             *count = 0;
         }
@@ -406,6 +424,10 @@ fn drain_rings(
     }
     flush(buf, &mut count);
     if total > 0 {
+        // Sync durability: once written, these positions release the parked replies.
+        if let Some(p) = &shared.persist {
+            p.positions(rings.iter().map(|r| r.stats().popped()).collect());
+        }
         shared.stats.drained.fetch_add(total, Ordering::Relaxed);
         if opts.dump_changes {
             let _ = stdout.lock().flush();
@@ -485,10 +507,16 @@ fn apply_batch(shared: &Shared, cap: Capability, batch: &Batch, skip: u32) {
         Capability::Usrloc => {
             let mut n = 0;
             let now_us = wall_us();
+            let mut applied = BytesMut::new();
             for f in convert::frames(&batch.records).skip(skip as usize) {
                 match ChangeRecord::decode_from_slice(f) {
                     Ok((rec, _)) => {
-                        shared.usrloc.apply_remote(&rec);
+                        if shared.usrloc.apply_remote(&rec) != Applied::Kept
+                            && shared.persist.is_some()
+                        {
+                            applied.put_u32_le(f.len() as u32);
+                            applied.put_slice(f);
+                        }
                         if !batch.resent {
                             let made_us = rec.at_ms.saturating_mul(1000).saturating_add(500);
                             shared.stats.lag_us.record(now_us.saturating_sub(made_us));
@@ -501,6 +529,9 @@ fn apply_batch(shared: &Shared, cap: Capability, batch: &Batch, skip: u32) {
                 }
             }
             shared.stats.applied.fetch_add(n, Ordering::Relaxed);
+            if let Some(p) = &shared.persist {
+                p.records(applied.freeze());
+            }
         }
     }
 }
@@ -594,9 +625,11 @@ async fn fetch_snapshot(
                     return fail(e.0);
                 }
                 let usrloc = shared.usrloc.clone();
-                let applied =
-                    tokio::task::spawn_blocking(move || apply_snapshot_chunk(&usrloc, &r.records))
-                        .await;
+                let persist = shared.persist.clone();
+                let applied = tokio::task::spawn_blocking(move || {
+                    apply_snapshot_chunk(&usrloc, &r.records, persist.as_ref())
+                })
+                .await;
                 match applied {
                     Ok(Ok(d)) => digest.merge(d),
                     Ok(Err(e)) => return fail(e),
@@ -625,15 +658,26 @@ async fn fetch_snapshot(
 }
 
 /// Applies one chunk of snapshot records; returns the digest of what it held.
-fn apply_snapshot_chunk(usrloc: &Usrloc, records: &[u8]) -> Result<Digest, String> {
+fn apply_snapshot_chunk(
+    usrloc: &Usrloc,
+    records: &[u8],
+    persist: Option<&PersistSender>,
+) -> Result<Digest, String> {
     let mut d = Digest::default();
+    let mut applied = BytesMut::new();
     for f in convert::frames(records) {
         let (rec, _) = ChangeRecord::decode_from_slice(f).map_err(|e| format!("record: {e}"))?;
         match rec.change.as_ref() {
             ChangeRef::BindingUpsert { aor, binding } => d.add(aor, binding),
             ChangeRef::BindingRemove { .. } => return Err("a snapshot holds only bindings".into()),
         }
-        usrloc.apply_remote(&rec);
+        if usrloc.apply_remote(&rec) != Applied::Kept && persist.is_some() {
+            applied.put_u32_le(f.len() as u32);
+            applied.put_slice(f);
+        }
+    }
+    if let Some(p) = persist {
+        p.records(applied.freeze());
     }
     Ok(d)
 }

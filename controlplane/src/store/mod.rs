@@ -1,0 +1,418 @@
+//! Restart persistence: RocksDB under the data directory, fed by the change stream.
+//!
+//! * One column family per data class: `contacts`, `dialogs`, `presentities`, `watchers`,
+//!   `tag_terms`, and `node` (format marker and node identity). Dialogs, presentities,
+//!   watchers and tag terms get their families now and their rows when those tables exist.
+//! * A contact row is keyed by (AoR, contact, `+sip.instance`, reg-id), each part length
+//!   prefixed, so an AoR's rows are adjacent; its value is a format version octet and the
+//!   bincode encoding of the binding. A value of another version is refused, never misread.
+//! * The directory carries a format marker and the identity (node id, cluster id) of the
+//!   node that wrote it: opening it as another node, or with a build that does not know its
+//!   format, fails with a message that says so.
+//!
+//! [`persist`] is the write-behind thread; [`Store::load_contacts`] is the recovery.
+
+pub mod persist;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use sipmesh_cluster::usrloc::{AorRecord, Binding, Update, Usrloc};
+use sipmesh_cluster::{BINCODE_CONFIG, Change, ChangeRecord};
+
+/// Version of every value this build writes (first octet).
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Column families.
+pub const CF_CONTACTS: &str = "contacts";
+pub const CF_DIALOGS: &str = "dialogs";
+pub const CF_PRESENTITIES: &str = "presentities";
+pub const CF_WATCHERS: &str = "watchers";
+pub const CF_TAG_TERMS: &str = "tag_terms";
+pub const CF_NODE: &str = "node";
+pub const FAMILIES: [&str; 6] = [
+    CF_CONTACTS,
+    CF_DIALOGS,
+    CF_PRESENTITIES,
+    CF_WATCHERS,
+    CF_TAG_TERMS,
+    CF_NODE,
+];
+
+const KEY_FORMAT: &[u8] = b"format";
+const KEY_IDENTITY: &[u8] = b"identity";
+
+/// A store error, with a message an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+fn db_err(dir: &Path, what: &str, e: rocksdb::Error) -> StoreError {
+    StoreError(format!("data directory {}: {what}: {e}", dir.display()))
+}
+
+/// The node's RocksDB.
+pub struct Store {
+    db: DB,
+    dir: PathBuf,
+}
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Bindings loaded into the table.
+    pub loaded: u64,
+    /// AoRs loaded.
+    pub aors: u64,
+    /// Bindings that expired while the node was down (deleted, no change record).
+    pub expired: u64,
+    /// Newest binding version loaded (0: none).
+    pub newest_version: u64,
+    /// Every loaded AoR with its earliest expiry, for the workers' timer wheels.
+    pub expiries: Vec<(Arc<[u8]>, u32)>,
+    /// Seconds the load took.
+    pub seconds: f64,
+}
+
+/// Size and row count of one column family.
+#[derive(Debug, Clone)]
+pub struct FamilyStats {
+    pub name: &'static str,
+    /// RocksDB's estimate of the number of keys.
+    pub keys: u64,
+    /// Bytes of SST files.
+    pub sst_bytes: u64,
+    /// Bytes in memtables.
+    pub memtable_bytes: u64,
+}
+
+fn options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    // A write-heavy workload of small values: large memtables, level compaction with
+    // dynamic level sizes, LZ4, background work on two threads, WAL and SST writes
+    // synced in 1 MiB steps so a sync never has a large backlog.
+    o.increase_parallelism(2);
+    o.set_max_background_jobs(2);
+    o.set_write_buffer_size(64 << 20);
+    o.set_max_write_buffer_number(4);
+    o.set_level_compaction_dynamic_level_bytes(true);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o.set_bytes_per_sync(1 << 20);
+    o.set_wal_bytes_per_sync(1 << 20);
+    o.set_keep_log_file_num(4);
+    o
+}
+
+/// Key of a contact row: (AoR, contact, instance) each as a big-endian u16 length and the
+/// bytes, then the reg-id as a big-endian u32.
+pub fn contact_key(aor: &[u8], contact: &[u8], instance: &[u8], reg_id: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + aor.len() + contact.len() + instance.len());
+    for part in [aor, contact, instance] {
+        k.extend_from_slice(&(part.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        k.extend_from_slice(part);
+    }
+    k.extend_from_slice(&reg_id.to_be_bytes());
+    k
+}
+
+/// The AoR part of a contact key.
+pub fn key_aor(key: &[u8]) -> Option<&[u8]> {
+    let n = u16::from_be_bytes([*key.first()?, *key.get(1)?]) as usize;
+    key.get(2..2 + n)
+}
+
+/// A contact row's value: the format version, then the binding.
+pub fn encode_binding(b: &Binding) -> Vec<u8> {
+    let mut v = vec![FORMAT_VERSION];
+    // Encoding into a Vec cannot fail.
+    let _ = bincode::encode_into_std_write(b, &mut v, BINCODE_CONFIG);
+    v
+}
+
+/// Reads a contact row's value, refusing a version this build does not know.
+pub fn decode_binding(v: &[u8]) -> Result<Binding, StoreError> {
+    match v.first() {
+        None => Err(StoreError("an empty contact value".into())),
+        Some(&FORMAT_VERSION) => {
+            let (b, used): (Binding, usize) =
+                bincode::decode_from_slice(&v[1..], BINCODE_CONFIG)
+                    .map_err(|e| StoreError(format!("a contact value does not decode: {e}")))?;
+            if used != v.len() - 1 {
+                return Err(StoreError(format!(
+                    "a contact value has {} octets after the binding",
+                    v.len() - 1 - used
+                )));
+            }
+            Ok(b)
+        }
+        Some(&other) => Err(StoreError(format!(
+            "a contact value has format version {other}; this sipd reads version {FORMAT_VERSION} \
+             (written by a {} sipd)",
+            if other > FORMAT_VERSION { "newer" } else { "older" }
+        ))),
+    }
+}
+
+/// The row a change record touches: (AoR, key).
+pub fn record_key(rec: &ChangeRecord) -> (&[u8], Vec<u8>) {
+    match &rec.change {
+        Change::BindingUpsert { aor, binding } => (
+            aor,
+            contact_key(aor, binding.contact(), binding.instance(), binding.reg_id),
+        ),
+        Change::BindingRemove {
+            aor,
+            contact,
+            instance,
+            reg_id,
+            ..
+        } => (aor, contact_key(aor, contact, instance, *reg_id)),
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store of node `node_id` in cluster `cluster_id`.
+    pub fn open(dir: &Path, node_id: u16, cluster_id: u32) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError(format!("data directory {}: cannot create: {e}", dir.display()))
+        })?;
+        let cfs = FAMILIES
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, options()));
+        let db = DB::open_cf_descriptors(&options(), dir, cfs).map_err(|e| db_err(dir, "open", e))?;
+        let s = Store {
+            db,
+            dir: dir.to_path_buf(),
+        };
+        s.check_format()?;
+        s.check_identity(node_id, cluster_id)?;
+        Ok(s)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // Every family is created at open.
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn check_format(&self) -> Result<(), StoreError> {
+        let node = self.cf(CF_NODE);
+        match self
+            .db
+            .get_cf(node, KEY_FORMAT)
+            .map_err(|e| db_err(&self.dir, "read format", e))?
+        {
+            Some(v) if v.as_slice() == [FORMAT_VERSION] => Ok(()),
+            Some(v) => Err(StoreError(format!(
+                "data directory {} has store format {:?}; this sipd reads format {FORMAT_VERSION} \
+                 (move the directory away, or run the sipd that wrote it)",
+                self.dir.display(),
+                v
+            ))),
+            None => {
+                // A new directory (or one that never got past its first open).
+                if self
+                    .db
+                    .iterator_cf(self.cf(CF_CONTACTS), IteratorMode::Start)
+                    .next()
+                    .is_some()
+                {
+                    return Err(StoreError(format!(
+                        "data directory {} holds contacts but no format marker: not a sipd store",
+                        self.dir.display()
+                    )));
+                }
+                self.db
+                    .put_cf(node, KEY_FORMAT, [FORMAT_VERSION])
+                    .map_err(|e| db_err(&self.dir, "write format", e))
+            }
+        }
+    }
+
+    fn check_identity(&self, node_id: u16, cluster_id: u32) -> Result<(), StoreError> {
+        let node = self.cf(CF_NODE);
+        let mine = {
+            let mut v = vec![FORMAT_VERSION];
+            let _ = bincode::encode_into_std_write((node_id, cluster_id), &mut v, BINCODE_CONFIG);
+            v
+        };
+        match self
+            .db
+            .get_cf(node, KEY_IDENTITY)
+            .map_err(|e| db_err(&self.dir, "read identity", e))?
+        {
+            None => self
+                .db
+                .put_cf(node, KEY_IDENTITY, &mine)
+                .map_err(|e| db_err(&self.dir, "write identity", e)),
+            Some(v) if v == mine => Ok(()),
+            Some(v) => {
+                let theirs: Option<(u16, u32)> = v
+                    .get(1..)
+                    .and_then(|b| bincode::decode_from_slice(b, BINCODE_CONFIG).ok())
+                    .map(|(x, _)| x);
+                Err(StoreError(match theirs {
+                    Some((n, c)) => format!(
+                        "data directory {} belongs to node {n} of cluster {c}; this is node {node_id} \
+                         of cluster {cluster_id}",
+                        self.dir.display()
+                    ),
+                    None => format!(
+                        "data directory {} has an identity this sipd cannot read",
+                        self.dir.display()
+                    ),
+                }))
+            }
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Recovery: loads every live contact into `usrloc` (which should be empty), deletes
+    /// those that expired while the node was down (no change record, so no side effect
+    /// anywhere), and reports progress every second through `progress(loaded, expired)`.
+    pub fn load_contacts(
+        &self,
+        usrloc: &Usrloc,
+        now_s: u32,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<LoadReport, StoreError> {
+        let t0 = Instant::now();
+        let mut last = t0;
+        let cf = self.cf(CF_CONTACTS);
+        let mut report = LoadReport::default();
+        let mut dead = WriteBatch::default();
+        let mut cur_aor: Vec<u8> = Vec::new();
+        let mut cur: Vec<Binding> = Vec::new();
+        let flush = |aor: &[u8], bindings: &mut Vec<Binding>, report: &mut LoadReport| {
+            if bindings.is_empty() {
+                return;
+            }
+            let min = bindings.iter().map(|b| b.expires_at).min().unwrap_or(0);
+            let rec = AorRecord::new(std::mem::take(bindings));
+            report.loaded += rec.len() as u64;
+            report.aors += 1;
+            let out = usrloc.update(aor, |_| Update::Replace(rec.clone(), ()));
+            if let Some(k) = out.key {
+                report.expiries.push((k, min));
+            }
+        };
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_err(&self.dir, "read contacts", e))?;
+            let Some(aor) = key_aor(&k) else {
+                return Err(StoreError(format!(
+                    "data directory {}: a contact key is malformed",
+                    self.dir.display()
+                )));
+            };
+            let b = decode_binding(&v)
+                .map_err(|e| StoreError(format!("data directory {}: {e}", self.dir.display())))?;
+            if aor != cur_aor.as_slice() {
+                flush(&cur_aor, &mut cur, &mut report);
+                cur_aor.clear();
+                cur_aor.extend_from_slice(aor);
+            }
+            if b.expires_at <= now_s {
+                report.expired += 1;
+                dead.delete_cf(cf, &k);
+                continue;
+            }
+            report.newest_version = report.newest_version.max(b.version);
+            cur.push(b);
+            if last.elapsed().as_secs() >= 1 {
+                last = Instant::now();
+                progress(report.loaded + cur.len() as u64, report.expired);
+            }
+        }
+        flush(&cur_aor, &mut cur, &mut report);
+        if !dead.is_empty() {
+            self.db
+                .write(dead)
+                .map_err(|e| db_err(&self.dir, "delete expired contacts", e))?;
+        }
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Writes a batch; `sync` waits for the write-ahead log to reach the disk.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| db_err(&self.dir, "write", e))
+    }
+
+    /// Syncs the write-ahead log.
+    pub fn sync_wal(&self) -> Result<(), StoreError> {
+        self.db
+            .flush_wal(true)
+            .map_err(|e| db_err(&self.dir, "sync the write-ahead log", e))
+    }
+
+    /// The contacts column family (for write batches).
+    pub fn contacts(&self) -> &rocksdb::ColumnFamily {
+        self.cf(CF_CONTACTS)
+    }
+
+    /// Per column family: estimated keys, SST bytes, memtable bytes.
+    pub fn stats(&self) -> Vec<FamilyStats> {
+        FAMILIES
+            .iter()
+            .map(|name| {
+                let cf = self.cf(name);
+                let p = |prop: &str| {
+                    self.db
+                        .property_int_value_cf(cf, prop)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                };
+                FamilyStats {
+                    name,
+                    keys: p("rocksdb.estimate-num-keys"),
+                    sst_bytes: p("rocksdb.total-sst-files-size"),
+                    memtable_bytes: p("rocksdb.cur-size-all-mem-tables"),
+                }
+            })
+            .collect()
+    }
+
+    /// Flushes memtables and compacts every column family.
+    pub fn compact(&self) -> Result<(), StoreError> {
+        for name in FAMILIES {
+            let cf = self.cf(name);
+            self.db
+                .flush_cf(cf)
+                .map_err(|e| db_err(&self.dir, "flush", e))?;
+            self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+
+    /// A consistent copy of the store in `target` (a RocksDB checkpoint: hard links where
+    /// possible). `target` must not exist.
+    pub fn checkpoint(&self, target: &Path) -> Result<(), StoreError> {
+        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .map_err(|e| db_err(&self.dir, "checkpoint", e))?;
+        cp.create_checkpoint(target).map_err(|e| {
+            StoreError(format!("checkpoint into {}: {e}", target.display()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,293 @@
+//! Write-behind: a thread that turns the change stream into RocksDB writes, off the
+//! worker cores.
+//!
+//! It receives framed change records (the workers' own, drained by the control plane, and
+//! peers' records once applied) and, for each, writes the *current* state of the row the
+//! record touches, read from the table: the binding if the table still holds it, a delete
+//! otherwise. So rows converge on the table whatever order local and replicated records
+//! arrive in, and a record never resurrects what a later change removed.
+//!
+//! * `async`: a write batch every `flush_ms` (no sync), the write-ahead log synced every
+//!   `wal_sync_ms`. A process crash loses only what had not reached RocksDB (at most
+//!   the drain period plus `flush_ms`); a power failure also what the last WAL sync had
+//!   not covered.
+//! * `sync`: group commit. Whatever arrived while the previous write was syncing goes
+//!   into the next batch, written with a WAL sync; then each worker learns how many of
+//!   its records are durable and releases the REGISTER replies that waited for them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rocksdb::WriteBatch;
+use sipmesh_cluster::ChangeRecord;
+use sipmesh_cluster::usrloc::Usrloc;
+use sipmesh_dataplane::durable::DurableShared;
+
+use super::{Store, encode_binding, record_key};
+use crate::grpc::convert::frames;
+use crate::metrics::Histogram;
+
+/// When a write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Batched writes, periodic WAL sync; replies do not wait.
+    Async,
+    /// A REGISTER is answered once its records are in the synced WAL.
+    Sync,
+}
+
+impl Durability {
+    /// Config name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Async => "async",
+            Durability::Sync => "sync",
+        }
+    }
+
+    /// Parses a config name.
+    pub fn parse(s: &str) -> Option<Durability> {
+        match s {
+            "async" => Some(Durability::Async),
+            "sync" => Some(Durability::Sync),
+            _ => None,
+        }
+    }
+}
+
+/// Tunables of the write-behind.
+#[derive(Debug, Clone)]
+pub struct PersistConfig {
+    pub durability: Durability,
+    /// `async`: batch period.
+    pub flush_ms: u64,
+    /// `async`: WAL sync period.
+    pub wal_sync_ms: u64,
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct PersistStats {
+    /// Records turned into row writes.
+    pub records: AtomicU64,
+    /// Write batches.
+    pub batches: AtomicU64,
+    /// WAL syncs (sync writes included).
+    pub wal_syncs: AtomicU64,
+    /// Write errors (each is logged).
+    pub errors: AtomicU64,
+    /// Time of each batch write (µs), sync included.
+    pub write_us: Histogram,
+}
+
+enum Msg {
+    Records(Bytes),
+    /// Per worker: records drained so far (durable once what came before is written).
+    Positions(Vec<u64>),
+}
+
+/// Handle of the write-behind thread. Dropping every sender (and this) stops it after a
+/// final synced write.
+pub struct Persister {
+    tx: Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<PersistStats>,
+    pub durability: Durability,
+}
+
+/// A sending end for another thread (snapshot application).
+#[derive(Clone)]
+pub struct PersistSender(Sender<Msg>);
+
+impl PersistSender {
+    /// Framed records to persist.
+    pub fn records(&self, frames: Bytes) {
+        if !frames.is_empty() {
+            let _ = self.0.send(Msg::Records(frames));
+        }
+    }
+
+    /// Every record drained so far from worker `i`'s ring numbers `positions[i]`.
+    pub fn positions(&self, positions: Vec<u64>) {
+        let _ = self.0.send(Msg::Positions(positions));
+    }
+}
+
+impl Persister {
+    /// Starts the thread. `gates` (sync mode) are the workers' durability states, in
+    /// worker order.
+    pub fn start(
+        store: Arc<Store>,
+        usrloc: Arc<Usrloc>,
+        cfg: PersistConfig,
+        gates: Vec<Arc<DurableShared>>,
+    ) -> std::io::Result<Persister> {
+        let (tx, rx) = channel();
+        let stats = Arc::new(PersistStats::default());
+        let st = stats.clone();
+        let durability = cfg.durability;
+        let thread = std::thread::Builder::new()
+            .name("sipd-persist".into())
+            .spawn(move || run(store, usrloc, cfg, gates, rx, st))?;
+        Ok(Persister {
+            tx,
+            thread: Some(thread),
+            stats,
+            durability,
+        })
+    }
+
+    /// Another sending end.
+    pub fn sender(&self) -> PersistSender {
+        PersistSender(self.tx.clone())
+    }
+
+    /// Stops after writing (and syncing) everything sent before.
+    pub fn stop(mut self) {
+        let (dead, _) = channel();
+        self.tx = dead;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(
+    store: Arc<Store>,
+    usrloc: Arc<Usrloc>,
+    cfg: PersistConfig,
+    gates: Vec<Arc<DurableShared>>,
+    rx: Receiver<Msg>,
+    stats: Arc<PersistStats>,
+) {
+    let sync = cfg.durability == Durability::Sync;
+    let flush = Duration::from_millis(cfg.flush_ms.max(1));
+    let wal_every = Duration::from_millis(cfg.wal_sync_ms.max(1));
+    let mut last_wal_sync = Instant::now();
+    let mut unsynced = false;
+    let mut open = true;
+    while open {
+        // Wait for work (async: wake up for the periodic WAL sync too).
+        let first = if sync || !unsynced {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(wal_every.saturating_sub(last_wal_sync.elapsed()))
+        };
+        let mut batch = WriteBatch::default();
+        let mut positions: Option<Vec<u64>> = None;
+        let mut n = 0u64;
+        let mut take = |m: Msg, batch: &mut WriteBatch, positions: &mut Option<Vec<u64>>| match m {
+            Msg::Records(f) => n += add_rows(&store, &usrloc, &f, batch),
+            Msg::Positions(p) => *positions = Some(p),
+        };
+        match first {
+            Ok(m) => take(m, &mut batch, &mut positions),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => open = false,
+        }
+        if open {
+            if sync {
+                // Group commit: everything that queued up meanwhile.
+                while let Ok(m) = rx.try_recv() {
+                    take(m, &mut batch, &mut positions);
+                }
+            } else {
+                let deadline = Instant::now() + flush;
+                loop {
+                    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(m) => take(m, &mut batch, &mut positions),
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let last = !open;
+        if !batch.is_empty() {
+            let t = Instant::now();
+            let with_sync = sync || last;
+            match store.write(batch, with_sync) {
+                Ok(()) => {
+                    stats.records.fetch_add(n, Ordering::Relaxed);
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                    if with_sync {
+                        stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                        last_wal_sync = Instant::now();
+                        unsynced = false;
+                    } else {
+                        unsynced = true;
+                    }
+                }
+                Err(e) => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("sipd: persistence: {e}");
+                    // Nothing is released as durable after a failed write.
+                    continue;
+                }
+            }
+            stats.write_us.record(t.elapsed().as_micros() as u64);
+        }
+        if !sync && unsynced && (last_wal_sync.elapsed() >= wal_every || last) {
+            match store.sync_wal() {
+                Ok(()) => {
+                    stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                    unsynced = false;
+                }
+                Err(e) => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("sipd: persistence: {e}");
+                }
+            }
+            last_wal_sync = Instant::now();
+        }
+        if let Some(p) = positions {
+            for (g, pos) in gates.iter().zip(p) {
+                g.publish(pos);
+            }
+        }
+    }
+}
+
+/// Adds a row write per framed record; returns how many.
+fn add_rows(store: &Store, usrloc: &Usrloc, frames_buf: &[u8], batch: &mut WriteBatch) -> u64 {
+    let cf = store.contacts();
+    let mut n = 0;
+    for f in frames(frames_buf) {
+        let Ok((rec, _)) = ChangeRecord::decode_from_slice(f) else {
+            continue;
+        };
+        let (aor, key) = record_key(&rec);
+        let (contact, instance, reg_id) = match &rec.change {
+            sipmesh_cluster::Change::BindingUpsert { binding, .. } => {
+                (binding.contact(), binding.instance(), binding.reg_id)
+            }
+            sipmesh_cluster::Change::BindingRemove {
+                contact,
+                instance,
+                reg_id,
+                ..
+            } => (&contact[..], &instance[..], *reg_id),
+        };
+        let now_value = usrloc.read(aor, |r| {
+            r.and_then(|r| {
+                r.bindings().iter().find(|b| {
+                    b.contact() == contact && b.instance() == instance && b.reg_id == reg_id
+                })
+            })
+            .map(encode_binding)
+        });
+        match now_value {
+            Some(v) => batch.put_cf(cf, &key, v),
+            None => batch.delete_cf(cf, &key),
+        }
+        n += 1;
+    }
+    n
+}
