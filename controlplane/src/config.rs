@@ -394,7 +394,10 @@ impl Config {
         };
         let st = &f.store;
         if st.enabled && st.data_dir.is_empty() {
-            return Err(err("store.data_dir", "must name a directory when the store is enabled"));
+            return Err(err(
+                "store.data_dir",
+                "must name a directory when the store is enabled",
+            ));
         }
         let Some(durability) = Durability::parse(&st.durability) else {
             return Err(err(
@@ -411,7 +414,10 @@ impl Config {
         if st.park_bytes < f.sip.max_message_size {
             return Err(err(
                 "store.park_bytes",
-                format!("must hold at least one message of sip.max_message_size ({})", f.sip.max_message_size),
+                format!(
+                    "must hold at least one message of sip.max_message_size ({})",
+                    f.sip.max_message_size
+                ),
             ));
         }
         let store = StoreConfig {

@@ -112,7 +112,10 @@ impl Node {
         };
         // Loaded AoRs go on the workers' expiry wheels, spread evenly.
         let mut expiries: Vec<Vec<(Arc<[u8]>, u32)>> = (0..n).map(|_| Vec::new()).collect();
-        for (k, (aor, at)) in std::mem::take(&mut recovered.expiries).into_iter().enumerate() {
+        for (k, (aor, at)) in std::mem::take(&mut recovered.expiries)
+            .into_iter()
+            .enumerate()
+        {
             expiries[k % n.max(1)].push((aor, at));
         }
         let expiries = Arc::new(Mutex::new(expiries));
@@ -181,7 +184,7 @@ impl Node {
             },
             workers_done.clone(),
             store.clone(),
-            persister.as_ref().map(Persister::sender),
+            persister.as_ref(),
         )?;
         let workers = match io::spawn_workers(&config.io, make, shutdown.clone()) {
             Ok(w) => w,

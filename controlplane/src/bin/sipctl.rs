@@ -25,6 +25,10 @@ COMMANDS:
     sync request CAP       full sync of CAP (usrloc) from a donor now
     events                 node up/down, link and sync events, with reasons
     usrloc dump [AOR]      registered contacts (all, or one address-of-record)
+    db stats               the store: rows and bytes per column family, writes
+    db compact             flush and compact every column family
+    db checkpoint DIR      a consistent copy of the store in DIR (on the node's
+                           machine; DIR must not exist)
 
 OPTIONS:
     -s, --server ADDR:PORT node to talk to (default 127.0.0.1:50051)
@@ -32,8 +36,18 @@ OPTIONS:
     -h, --help             this text
 ";
 
+/// Prints a line; a closed standard output (`sipctl ... | head`) ends quietly.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 fn fail(msg: impl std::fmt::Display) -> ! {
-    eprintln!("sipctl: {msg}");
+    esay!("sipctl: {msg}");
     std::process::exit(1);
 }
 
@@ -114,10 +128,15 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             if i + 1 == cells.len() {
                 out.push_str(c);
             } else {
-                let _ = write!(out, "{:<width$}  ", c, width = w.get(i).copied().unwrap_or(0));
+                let _ = write!(
+                    out,
+                    "{:<width$}  ",
+                    c,
+                    width = w.get(i).copied().unwrap_or(0)
+                );
             }
         }
-        println!("{}", out.trim_end());
+        say!("{}", out.trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -206,7 +225,7 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
     let print = |j: Json| {
         let mut out = String::new();
         j.write(&mut out);
-        println!("{out}");
+        say!("{out}");
     };
     match words {
         ["node", "list"] | ["nodes"] => {
@@ -276,12 +295,12 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                 .parse()
                 .map_err(|_| tonic::Status::invalid_argument(format!("`{id}` is not a node id")))?;
             c.remove_node(pb::NodeIdArg { node_id }).await?;
-            println!("node {id} removed");
+            say!("node {id} removed");
         }
         ["node", "disable"] | ["node", "enable"] => {
             let enabled = words[1] == "enable";
             c.set_node_enabled(pb::EnabledArg { enabled }).await?;
-            println!("node {}", if enabled { "enabled" } else { "disabled" });
+            say!("node {}", if enabled { "enabled" } else { "disabled" });
         }
         ["topology"] => {
             let r = c.topology(e).await?.into_inner();
@@ -415,7 +434,7 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                 capability: cap.to_string(),
             })
             .await?;
-            println!("full sync of {cap} requested");
+            say!("full sync of {cap} requested");
         }
         ["events"] => {
             let r = c.events(e).await?.into_inner();
@@ -500,6 +519,74 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                 }
                 table(&["AOR", "CONTACT", "EXPIRES-AT", "ORIGIN", "VERSION"], rows);
             }
+        }
+        ["db", "stats"] => {
+            let r = c.db_stats(e).await?.into_inner();
+            if json {
+                print(Json::Obj(vec![
+                    ("data_dir", s(r.data_dir.clone())),
+                    ("durability", s(r.durability.clone())),
+                    ("records_written", Json::Num(r.records_written)),
+                    ("batches", Json::Num(r.batches)),
+                    ("wal_syncs", Json::Num(r.wal_syncs)),
+                    ("write_errors", Json::Num(r.write_errors)),
+                    ("write_p50_us", Json::Num(r.write_p50_us)),
+                    ("write_p99_us", Json::Num(r.write_p99_us)),
+                    (
+                        "families",
+                        Json::Arr(
+                            r.families
+                                .iter()
+                                .map(|f| {
+                                    Json::Obj(vec![
+                                        ("name", s(f.name.clone())),
+                                        ("keys", Json::Num(f.keys)),
+                                        ("sst_bytes", Json::Num(f.sst_bytes)),
+                                        ("memtable_bytes", Json::Num(f.memtable_bytes)),
+                                    ])
+                                })
+                                .collect(),
+                        ),
+                    ),
+                ]));
+            } else {
+                say!(
+                    "{} ({}): {} records written in {} batches, {} WAL syncs, {} errors; batch write p50 {:.2} ms, p99 {:.2} ms",
+                    r.data_dir,
+                    r.durability,
+                    r.records_written,
+                    r.batches,
+                    r.wal_syncs,
+                    r.write_errors,
+                    r.write_p50_us as f64 / 1000.0,
+                    r.write_p99_us as f64 / 1000.0
+                );
+                table(
+                    &["FAMILY", "KEYS(est.)", "SST-BYTES", "MEMTABLE-BYTES"],
+                    r.families
+                        .iter()
+                        .map(|f| {
+                            vec![
+                                f.name.clone(),
+                                f.keys.to_string(),
+                                f.sst_bytes.to_string(),
+                                f.memtable_bytes.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        ["db", "compact"] => {
+            c.db_compact(e).await?;
+            say!("compacted");
+        }
+        ["db", "checkpoint", dir] => {
+            c.db_checkpoint(pb::CheckpointArgs {
+                dir: dir.to_string(),
+            })
+            .await?;
+            say!("checkpoint written to {dir}");
         }
         _ => {
             eprint!("{HELP}");

@@ -35,7 +35,7 @@ use crate::metrics::Histogram;
 use crate::node::format_change;
 use crate::pb;
 use crate::store::Store;
-use crate::store::persist::PersistSender;
+use crate::store::persist::{PersistSender, PersistStats, Persister};
 
 /// Largest replication batch (bytes of framed records) the drain builds.
 const MAX_BATCH_BYTES: usize = 512 * 1024;
@@ -87,6 +87,10 @@ pub(crate) struct Shared {
     pub store: Option<Arc<Store>>,
     /// Write-behind of replicated records once applied.
     pub persist: Option<PersistSender>,
+    /// Its counters.
+    pub persist_stats: Option<Arc<PersistStats>>,
+    /// Its durability mode (`async` | `sync`).
+    pub durability: &'static str,
 }
 
 impl Shared {
@@ -147,8 +151,11 @@ impl ControlPlane {
         opts: ControlOptions,
         workers_done: Arc<AtomicBool>,
         store: Option<Arc<Store>>,
-        persist: Option<PersistSender>,
+        persister: Option<&Persister>,
     ) -> std::io::Result<ControlPlane> {
+        let persist = persister.map(Persister::sender);
+        let persist_stats = persister.map(|p| p.stats.clone());
+        let durability = persister.map_or("", |p| p.durability.name());
         let listener = TcpListener::bind(config.cluster.grpc_listen).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
@@ -216,6 +223,8 @@ impl ControlPlane {
                     clock: Clock(Instant::now()),
                     store,
                     persist,
+                    persist_stats,
+                    durability,
                 };
                 runtime.block_on(run(
                     mc,

@@ -310,4 +310,80 @@ impl pb::admin_server::Admin for AdminSvc {
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::UsrlocDumpReply { aors }))
     }
+
+    async fn db_stats(&self, _: Request<pb::Empty>) -> Result<Response<pb::DbStatsReply>, Status> {
+        let store = self.store()?;
+        let (p50, p99, records, batches, syncs, errors, durability) = match &self.0.persist_stats {
+            Some(p) => (
+                p.write_us.quantile(0.5),
+                p.write_us.quantile(0.99),
+                p.records.load(Ordering::Relaxed),
+                p.batches.load(Ordering::Relaxed),
+                p.wal_syncs.load(Ordering::Relaxed),
+                p.errors.load(Ordering::Relaxed),
+                self.0.durability.to_string(),
+            ),
+            None => (0, 0, 0, 0, 0, 0, String::new()),
+        };
+        let dir = store.dir().display().to_string();
+        let fams = tokio::task::spawn_blocking(move || store.stats())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::DbStatsReply {
+            data_dir: dir,
+            durability,
+            families: fams
+                .into_iter()
+                .map(|f| pb::FamilyStats {
+                    name: f.name.to_string(),
+                    keys: f.keys,
+                    sst_bytes: f.sst_bytes,
+                    memtable_bytes: f.memtable_bytes,
+                })
+                .collect(),
+            records_written: records,
+            batches,
+            wal_syncs: syncs,
+            write_errors: errors,
+            write_p50_us: p50,
+            write_p99_us: p99,
+        }))
+    }
+
+    async fn db_compact(&self, _: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        let store = self.store()?;
+        tokio::task::spawn_blocking(move || store.compact())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.0))?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn db_checkpoint(
+        &self,
+        req: Request<pb::CheckpointArgs>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let dir = req.into_inner().dir;
+        if dir.is_empty() {
+            return Err(Status::invalid_argument("dir: a directory is needed"));
+        }
+        let target = std::path::PathBuf::from(&dir);
+        if target.exists() {
+            return Err(Status::already_exists(format!("dir: {dir} already exists")));
+        }
+        let store = self.store()?;
+        tokio::task::spawn_blocking(move || store.checkpoint(&target))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.0))?;
+        Ok(Response::new(pb::Empty {}))
+    }
+}
+
+impl AdminSvc {
+    fn store(&self) -> Result<std::sync::Arc<crate::store::Store>, Status> {
+        self.0.store.clone().ok_or_else(|| {
+            Status::failed_precondition("this node runs without a store (--no-store)")
+        })
+    }
 }

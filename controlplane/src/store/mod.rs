@@ -159,7 +159,11 @@ pub fn decode_binding(v: &[u8]) -> Result<Binding, StoreError> {
         Some(&other) => Err(StoreError(format!(
             "a contact value has format version {other}; this sipd reads version {FORMAT_VERSION} \
              (written by a {} sipd)",
-            if other > FORMAT_VERSION { "newer" } else { "older" }
+            if other > FORMAT_VERSION {
+                "newer"
+            } else {
+                "older"
+            }
         ))),
     }
 }
@@ -185,12 +189,16 @@ impl Store {
     /// Opens (or creates) the store of node `node_id` in cluster `cluster_id`.
     pub fn open(dir: &Path, node_id: u16, cluster_id: u32) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError(format!("data directory {}: cannot create: {e}", dir.display()))
+            StoreError(format!(
+                "data directory {}: cannot create: {e}",
+                dir.display()
+            ))
         })?;
         let cfs = FAMILIES
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(*n, options()));
-        let db = DB::open_cf_descriptors(&options(), dir, cfs).map_err(|e| db_err(dir, "open", e))?;
+        let db =
+            DB::open_cf_descriptors(&options(), dir, cfs).map_err(|e| db_err(dir, "open", e))?;
         let s = Store {
             db,
             dir: dir.to_path_buf(),
@@ -202,7 +210,9 @@ impl Store {
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         // Every family is created at open.
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     fn check_format(&self) -> Result<(), StoreError> {
@@ -408,9 +418,8 @@ impl Store {
     pub fn checkpoint(&self, target: &Path) -> Result<(), StoreError> {
         let cp = rocksdb::checkpoint::Checkpoint::new(&self.db)
             .map_err(|e| db_err(&self.dir, "checkpoint", e))?;
-        cp.create_checkpoint(target).map_err(|e| {
-            StoreError(format!("checkpoint into {}: {e}", target.display()))
-        })
+        cp.create_checkpoint(target)
+            .map_err(|e| StoreError(format!("checkpoint into {}: {e}", target.display())))
     }
 }
 
