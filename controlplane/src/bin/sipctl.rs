@@ -47,7 +47,7 @@ macro_rules! say {
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
-    esay!("sipctl: {msg}");
+    eprintln!("sipctl: {msg}");
     std::process::exit(1);
 }
 
