@@ -78,6 +78,7 @@ struct ClusterSection {
     seed_fallback_ms: u64,
     gap_timeout_ms: u64,
     sync_timeout_ms: u64,
+    resume_margin_ms: u64,
     replay_buffer_bytes: usize,
 }
 
@@ -179,6 +180,7 @@ pub struct ClusterConfig {
     pub seed_fallback_ms: u64,
     pub gap_timeout_ms: u64,
     pub sync_timeout_ms: u64,
+    pub resume_margin_ms: u64,
     pub replay_buffer_bytes: usize,
 }
 
@@ -364,6 +366,12 @@ impl Config {
             ("cluster.seed_fallback_ms", c.seed_fallback_ms, 0, 3_600_000),
             ("cluster.gap_timeout_ms", c.gap_timeout_ms, 10, 600_000),
             ("cluster.sync_timeout_ms", c.sync_timeout_ms, 100, 600_000),
+            (
+                "cluster.resume_margin_ms",
+                c.resume_margin_ms,
+                0,
+                86_400_000,
+            ),
         ] {
             if !(lo..=hi).contains(&v) {
                 return Err(err(field, format!("{v} is outside {lo}..={hi}")));
@@ -390,6 +398,7 @@ impl Config {
             seed_fallback_ms: c.seed_fallback_ms,
             gap_timeout_ms: c.gap_timeout_ms,
             sync_timeout_ms: c.sync_timeout_ms,
+            resume_margin_ms: c.resume_margin_ms,
             replay_buffer_bytes: c.replay_buffer_bytes,
         };
         let st = &f.store;

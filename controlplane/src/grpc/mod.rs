@@ -191,6 +191,7 @@ impl ControlPlane {
         mc.replay_bytes = c.replay_buffer_bytes;
         mc.mode = c.mode;
         mc.joining = !c.join.is_empty();
+        mc.resume_margin = c.resume_margin_ms;
         let members: Vec<NodeInfo> = c
             .members
             .iter()
@@ -284,6 +285,7 @@ async fn run(
     }
     let mut mesh = Mesh::new(mc, members, clock.now());
     mesh.set_newest_version(Capability::Usrloc, opts.newest_version);
+    mesh.set_resume_point(opts.newest_version);
     mesh_loop(mesh, shared, rx, rings, opts, workers_done, sync_timeout).await;
     let _ = stop_tx.send(());
     if let Some(s) = server {
@@ -485,11 +487,11 @@ fn dispatch(
                 }
             }
             Action::Apply { cap, batch, skip } => apply_batch(shared, cap, &batch, skip),
-            Action::StartSnapshot { cap, donor } => {
+            Action::StartSnapshot { cap, donor, since } => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let id = donor.id;
-                    let outcome = fetch_snapshot(&shared, cap, donor, sync_timeout).await;
+                    let outcome = fetch_snapshot(&shared, cap, donor, since, sync_timeout).await;
                     if let SnapshotOutcome::Failed(why) = &outcome {
                         eprintln!("sipd: cluster: snapshot of {cap} from node {}: {why}", id.0);
                     }
@@ -591,6 +593,7 @@ async fn fetch_snapshot(
     shared: &Shared,
     cap: Capability,
     donor: NodeInfo,
+    since: u64,
     timeout: Duration,
 ) -> SnapshotOutcome {
     let fail = |m: String| SnapshotOutcome::Failed(m);
@@ -606,6 +609,7 @@ async fn fetch_snapshot(
         cluster_id: shared.cluster_id,
         node_id: u32::from(shared.me.0),
         capability: cap.name().to_string(),
+        since_version: since,
     };
     let mut stream = match tokio::time::timeout(timeout, client.snapshot(req)).await {
         Ok(Ok(r)) => r.into_inner(),
@@ -695,6 +699,7 @@ fn apply_snapshot_chunk(
 /// sent on `tx`, then the count and digest of exactly what was sent.
 pub(crate) fn walk_snapshot(
     usrloc: &Usrloc,
+    since: u64,
     tx: &mpsc::Sender<Result<pb::SnapshotChunk, tonic::Status>>,
 ) {
     use pb::snapshot_chunk::Body as B;
@@ -720,7 +725,7 @@ pub(crate) fn walk_snapshot(
         }
     };
     usrloc.snapshot_records(|rec| {
-        if closed {
+        if closed || rec.version <= since {
             return;
         }
         if let ChangeRef::BindingUpsert { aor, binding } = rec.change {

@@ -93,6 +93,7 @@ impl pb::peer_server::Peer for PeerSvc {
             return Err(Status::invalid_argument("cluster_id: not this cluster"));
         }
         convert::node_id("node_id", r.node_id).map_err(bad)?;
+        let since = r.since_version;
         let Some(cap) = Capability::parse(&r.capability) else {
             return Err(Status::invalid_argument(format!(
                 "capability: `{}` is unknown",
@@ -116,7 +117,7 @@ impl pb::peer_server::Peer for PeerSvc {
         tokio::task::spawn_blocking(move || {
             if tx.blocking_send(Ok(begin)).is_ok() {
                 match cap {
-                    Capability::Usrloc => walk_snapshot(&usrloc, &tx),
+                    Capability::Usrloc => walk_snapshot(&usrloc, since, &tx),
                 }
             }
         });

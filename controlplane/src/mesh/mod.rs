@@ -93,6 +93,9 @@ pub struct MeshConfig {
     /// This node was told to join through a member: knowing no member yet does not make
     /// it a standalone node (which is synced at once).
     pub joining: bool,
+    /// A node restarted with data asks for changes newer than its newest version less
+    /// this margin (clock skew between nodes plus replication lag), in ms.
+    pub resume_margin: Millis,
 }
 
 impl MeshConfig {
@@ -116,6 +119,7 @@ impl MeshConfig {
             mode: ClusterMode::FullSharing,
             history: 256,
             joining: false,
+            resume_margin: 10_000,
         }
     }
 }
@@ -149,6 +153,8 @@ pub enum Action {
         cap: Capability,
         /// Donor.
         donor: NodeInfo,
+        /// Only objects with a newer version (a restarted node's delta); 0: everything.
+        since: u64,
     },
     /// Something to log.
     Event(Event),
@@ -291,6 +297,14 @@ pub struct Mesh {
     actions: Vec<Action>,
     stats: MeshStats,
     now: Millis,
+    /// Newest version recovered from the store, until the first sync completes.
+    resume_from: Option<u64>,
+}
+
+/// Versions are wall-clock milliseconds shifted left by 16 bits (see
+/// `sipmesh_cluster::next_version`): a span of `ms` milliseconds in version units.
+pub fn version_span(ms: u64) -> u64 {
+    ms << 16
 }
 
 /// Rendezvous weight of `(a, b)`: a deterministic 64-bit mix.
@@ -345,6 +359,7 @@ impl Mesh {
             actions: Vec::new(),
             stats: MeshStats::default(),
             now,
+            resume_from: None,
         };
         for info in members {
             m.learn(info);
@@ -1282,13 +1297,25 @@ impl Mesh {
                     c.donor = Some(donor);
                 }
                 self.lsa_dirty = true;
+                // A node that recovered data from its store asks only for what is newer
+                // (less a margin for clock skew and replication lag between nodes).
+                let margin = version_span(self.cfg.resume_margin);
+                let since = self.resume_from.map_or(0, |v| v.saturating_sub(margin));
+                let what = if since > 0 {
+                    format!("delta sync (versions after {since})")
+                } else {
+                    "full sync".to_string()
+                };
                 self.event(
                     me.id,
                     "sync-started",
-                    format!("{cap}: full sync from node {}", donor.0),
+                    format!("{cap}: {what} from node {}", donor.0),
                 );
-                self.actions
-                    .push(Action::StartSnapshot { cap, donor: info });
+                self.actions.push(Action::StartSnapshot {
+                    cap,
+                    donor: info,
+                    since,
+                });
                 continue;
             }
             let members = self.peers.values().filter(|p| self.shares_data(p)).count();
@@ -1380,6 +1407,7 @@ impl Mesh {
         match outcome {
             SnapshotOutcome::Verified { watermarks, count } => {
                 c.completed += 1;
+                self.resume_from = None;
                 let took = self.now.saturating_sub(c.started_at);
                 // Each stream resumes at the donor's watermark; an origin the donor did
                 // not know starts over from its first record.
@@ -1447,6 +1475,12 @@ impl Mesh {
                 .caps
                 .get(&cap)
                 .is_some_and(|c| c.state == SyncState::Synced)
+    }
+
+    /// This node recovered data up to version `v` from its store: its first sync asks the
+    /// donor only for what is newer than `v` less `resume_margin`.
+    pub fn set_resume_point(&mut self, v: u64) {
+        self.resume_from = (v > 0).then_some(v);
     }
 
     /// Records the newest object version held (cold-start election).

@@ -45,6 +45,8 @@ type DropRule = Box<dyn FnMut(u16, u16, &Envelope) -> bool>;
 struct Log {
     events: Vec<Event>,
     applied: Vec<Applied>,
+    /// `StartSnapshot`: the `since` of each, in order.
+    since: Vec<u64>,
     /// `StartSnapshot`: (time, donor).
     snapshots: Vec<(Millis, u16)>,
     connects: Vec<u16>,
@@ -279,8 +281,9 @@ impl Net {
                 log.applied
                     .push((batch.origin.0, batch.first_seq, skip, batch.count));
             }
-            Action::StartSnapshot { cap, donor } => {
+            Action::StartSnapshot { cap, donor, since } => {
                 log.snapshots.push((now, donor.id.0));
+                log.since.push(since);
                 if let Some(d) = self.snapshot_delay {
                     self.jobs.push(SnapshotJob {
                         due: now + d,
@@ -1411,4 +1414,31 @@ fn the_synced_event_gives_the_transfer_time() {
         "{}",
         last.reason
     );
+}
+
+#[test]
+fn a_node_that_recovered_its_store_asks_only_for_what_is_newer_then_for_everything() {
+    let mut net = synced_cluster(2, |_| {});
+    // Node 3 restarts with data up to version V recovered from its store.
+    let v = (1_800_000_000_000u64 << 16) | 3;
+    let mut cfg = config(3);
+    cfg.joining = true;
+    net.add(cfg, Vec::new());
+    let now = net.now;
+    net.node(3).set_resume_point(v);
+    let members = net.node(1).on_join(now, info(3)).expect("join");
+    net.node(3).on_join_reply(now, members);
+    net.run_until(5000, Net::all_synced).expect("node 3 synced");
+    assert_eq!(net.log(3).since, vec![v - version_span(10_000)]);
+    assert!(
+        net.events(3, "sync-started", 3)[0]
+            .reason
+            .contains("delta sync (versions after"),
+        "{:?}",
+        net.events(3, "sync-started", 3)
+    );
+    // Once synced, a later sync (here an operator's) asks for everything.
+    net.request_sync(3).expect("request");
+    net.run_until(5000, Net::all_synced).expect("synced again");
+    assert_eq!(net.log(3).since, vec![v - version_span(10_000), 0]);
 }
