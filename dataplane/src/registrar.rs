@@ -724,8 +724,15 @@ fn plan_register(
             Fate::ReplacedBy(j) => {
                 let c = &contacts[j];
                 let v = bump(b.version);
-                if b.contact() != c.contact.addr.uri {
-                    // Same instance and reg-id, another Contact: the old one is replaced.
+                let reg_id = c.contact.reg_id.unwrap_or(0);
+                let instance = c.contact.instance.unwrap_or_default();
+                if b.contact() != c.contact.addr.uri
+                    || b.instance() != instance
+                    || b.reg_id != reg_id
+                {
+                    // The binding is now known under another (contact, instance, reg-id):
+                    // the old one is replaced, and its removal is in the change stream (a
+                    // store keyed by that triple must drop its row).
                     batch.push(&remove_record(
                         req.node,
                         v,

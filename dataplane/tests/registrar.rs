@@ -625,3 +625,48 @@ fn refreshing_does_not_pile_up_timers() {
     assert_eq!(h.table.aors(), 0);
     assert_eq!(h.core.registrar().timers(), 0);
 }
+
+#[test]
+fn a_binding_that_gains_an_instance_is_replaced_in_the_change_stream() {
+    // Same Contact, now with +sip.instance and reg-id: the same binding for RFC 3261
+    // §10.3, but known under another (contact, instance, reg-id), so the old one's removal
+    // is in the stream (a store keyed by that triple drops its row).
+    let mut h = Harness::new(cfg());
+    let r = h.send(&register(
+        "gail",
+        "g1",
+        1,
+        &["Contact: <sip:gail@192.0.2.10>"],
+    ));
+    assert_eq!(status(&r), 200, "{r}");
+    h.drain();
+    let r = h.send(&register(
+        "gail",
+        "g1",
+        2,
+        &["Contact: <sip:gail@192.0.2.10>;+sip.instance=\"<urn:uuid:g>\";reg-id=1"],
+    ));
+    assert_eq!(status(&r), 200, "{r}");
+    let recs = h.drain();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    let Change::BindingRemove {
+        contact,
+        instance,
+        reg_id,
+        reason,
+        ..
+    } = &recs[0].change
+    else {
+        panic!("{recs:?}")
+    };
+    assert_eq!(
+        (&**contact, &**instance, *reg_id),
+        (&b"sip:gail@192.0.2.10"[..], &b""[..], 0)
+    );
+    assert_eq!(*reason, RemoveReason::Replaced);
+    let Change::BindingUpsert { binding, .. } = &recs[1].change else {
+        panic!("{recs:?}")
+    };
+    assert_eq!(binding.instance(), b"<urn:uuid:g>");
+    assert_eq!(h.table.bindings(), 1);
+}

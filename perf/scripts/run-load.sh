@@ -4,7 +4,10 @@
 #   perf/scripts/run-load.sh --mode register|options [--server sipd|echo]
 #       [--backend auto|io_uring|epoll] [--workers N] [--pin|--no-pin]
 #       [--rate R] [--calls M] [--timeout S] [--sipp N] [--out DIR] [--tag TEXT]
+#       [--store none|async|sync]
 #
+# --store: sipd's restart persistence: none (in memory only, --no-store), async (the
+# default) or sync durability, in a fresh data directory of the run (removed after).
 # Starts the server on 127.0.0.51:5060, runs N SIPp instances (127.0.0.52, local ports
 # 5070, 5072, ...; the total rate R and call count M are split evenly between them), waits
 # for them, stops the server (by its PID only) and prints ONE tab-separated result line
@@ -45,6 +48,7 @@ TIMEOUT=""
 NSIPP=1
 OUT="${TMPDIR:-/tmp}/sipmesh-perf"
 TAG=""
+STORE=async
 REPO="$(cd "$PERF/.." && pwd)"
 SIPD_BIN="${SIPD_BIN:-$REPO/target/release/sipd}"
 ECHO_BIN="${ECHO_BIN:-$PERF/echo/target/release/sip-echo}"
@@ -66,6 +70,7 @@ while [ $# -gt 0 ]; do
         --sipp) NSIPP="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --tag) TAG="$2"; shift 2 ;;
+        --store) STORE="$2"; shift 2 ;;
         -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "run-load.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -85,7 +90,7 @@ CALLS="${CALLS:-$((RATE * 8))}"
 TIMEOUT="${TIMEOUT:-$(( CALLS / RATE * 2 + 10 ))}"
 TICK=$(getconf CLK_TCK)
 
-ID="$(date -u +%H%M%S)-$MODE-$SERVER-$BACKEND-r$RATE-s$NSIPP-$$"
+ID="$(date -u +%H%M%S)-$MODE-$SERVER-$BACKEND-$STORE-r$RATE-s$NSIPP-$$"
 RUN="$OUT/runs/$ID"
 mkdir -p "$RUN"
 
@@ -120,11 +125,18 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$SRV_PID" 2>/dev/null || break; sleep 0.1; done
         kill -0 "$SRV_PID" 2>/dev/null && kill -KILL "$SRV_PID" 2>/dev/null || true
     fi
+    rm -rf "$RUN/data"
 }
 trap cleanup EXIT
 
 if [ "$SERVER" = sipd ]; then
-    args=(--listen "$SRV_IP:$SRV_PORT" --workers "$WORKERS" --backend "$BACKEND")
+    args=(--listen "$SRV_IP:$SRV_PORT" --workers "$WORKERS" --backend "$BACKEND"
+          --grpc "$SRV_IP:50051")
+    case "$STORE" in
+        none) args+=(--no-store) ;;
+        async|sync) args+=(--data-dir "$RUN/data" --durability "$STORE") ;;
+        *) echo "--store none|async|sync" >&2; exit 2 ;;
+    esac
     [ "$PIN" = 1 ] || args+=(--no-pin)
     echo "$SIPD_BIN ${args[*]}" > "$RUN/server.cmd"
     "$SIPD_BIN" "${args[@]}" > "$RUN/server.out" 2> "$RUN/server.err" &

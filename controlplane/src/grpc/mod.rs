@@ -541,7 +541,7 @@ fn apply_batch(shared: &Shared, cap: Capability, batch: &Batch, skip: u32) {
             }
             shared.stats.applied.fetch_add(n, Ordering::Relaxed);
             if let Some(p) = &shared.persist {
-                p.records(applied.freeze());
+                p.applied(applied.freeze());
             }
         }
     }
@@ -690,7 +690,7 @@ fn apply_snapshot_chunk(
         }
     }
     if let Some(p) = persist {
-        p.records(applied.freeze());
+        p.applied(applied.freeze());
     }
     Ok(d)
 }

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+};
 use sipmesh_cluster::usrloc::{AorRecord, Binding, Update, Usrloc};
 use sipmesh_cluster::{BINCODE_CONFIG, Change, ChangeRecord};
 
@@ -371,6 +373,23 @@ impl Store {
         self.db
             .flush_wal(true)
             .map_err(|e| db_err(&self.dir, "sync the write-ahead log", e))
+    }
+
+    /// Keys of the contact rows of `aor` (adjacent: they share the AoR's length-prefixed
+    /// first part, and no other AoR's key starts with it).
+    pub fn contact_keys_of(&self, aor: &[u8]) -> Result<Vec<Box<[u8]>>, StoreError> {
+        let mut prefix = contact_key(aor, &[], &[], 0);
+        prefix.truncate(prefix.len() - 8);
+        let mut keys = Vec::new();
+        let from = IteratorMode::From(&prefix, Direction::Forward);
+        for item in self.db.iterator_cf(self.contacts(), from) {
+            let (k, _) = item.map_err(|e| db_err(&self.dir, "read contacts", e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            keys.push(k);
+        }
+        Ok(keys)
     }
 
     /// The contacts column family (for write batches).

@@ -15,6 +15,7 @@
 //!   into the next batch, written with a WAL sync; then each worker learns how many of
 //!   its records are durable and releases the REGISTER replies that waited for them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
@@ -27,7 +28,7 @@ use sipmesh_cluster::ChangeRecord;
 use sipmesh_cluster::usrloc::Usrloc;
 use sipmesh_dataplane::durable::DurableShared;
 
-use super::{Store, encode_binding, record_key};
+use super::{Store, contact_key, encode_binding, record_key};
 use crate::grpc::convert::frames;
 use crate::metrics::Histogram;
 
@@ -85,7 +86,9 @@ pub struct PersistStats {
 }
 
 enum Msg {
-    Records(Bytes),
+    /// Framed records; `true` when they were applied from a peer (realtime or snapshot),
+    /// where a replacement may come without the removal of the replaced binding's row.
+    Records(Bytes, bool),
     /// Per worker: records drained so far (durable once what came before is written).
     Positions(Vec<u64>),
 }
@@ -104,10 +107,21 @@ pub struct Persister {
 pub struct PersistSender(Sender<Msg>);
 
 impl PersistSender {
-    /// Framed records to persist.
+    /// Framed records this node's workers made (their change stream names every row a
+    /// change touches, removals of replaced bindings included).
     pub fn records(&self, frames: Bytes) {
         if !frames.is_empty() {
-            let _ = self.0.send(Msg::Records(frames));
+            let _ = self.0.send(Msg::Records(frames, false));
+        }
+    }
+
+    /// Framed records applied from a peer. A peer's upsert may replace in the table a
+    /// binding this node held under another row key (a snapshot carries no removals; two
+    /// nodes may register the same instance concurrently), so the rows of the AoRs they
+    /// touch are checked against the table and stale ones deleted.
+    pub fn applied(&self, frames: Bytes) {
+        if !frames.is_empty() {
+            let _ = self.0.send(Msg::Records(frames, true));
         }
     }
 
@@ -146,7 +160,8 @@ impl Persister {
         PersistSender(self.tx.clone())
     }
 
-    /// Stops after writing (and syncing) everything sent before.
+    /// Stops after writing (and syncing) everything sent before. Returns once every
+    /// [`PersistSender`] is dropped too (the node drops the control plane's first).
     pub fn stop(mut self) {
         let (dead, _) = channel();
         self.tx = dead;
@@ -180,8 +195,11 @@ fn run(
         let mut batch = WriteBatch::default();
         let mut positions: Option<Vec<u64>> = None;
         let mut n = 0u64;
+        let mut touched = Touched::new();
         let mut take = |m: Msg, batch: &mut WriteBatch, positions: &mut Option<Vec<u64>>| match m {
-            Msg::Records(f) => n += add_rows(&store, &usrloc, &f, batch),
+            Msg::Records(f, peer) => {
+                n += add_rows(&store, &usrloc, &f, batch, peer.then_some(&mut touched))
+            }
             Msg::Positions(p) => *positions = Some(p),
         };
         match first {
@@ -209,6 +227,7 @@ fn run(
                 }
             }
         }
+        drop_stale(&store, &usrloc, &touched, &mut batch);
         let last = !open;
         if !batch.is_empty() {
             let t = Instant::now();
@@ -255,8 +274,17 @@ fn run(
     }
 }
 
+/// Per AoR, the row keys the records of one batch named.
+type Touched = HashMap<Box<[u8]>, Vec<Vec<u8>>>;
+
 /// Adds a row write per framed record; returns how many.
-fn add_rows(store: &Store, usrloc: &Usrloc, frames_buf: &[u8], batch: &mut WriteBatch) -> u64 {
+fn add_rows(
+    store: &Store,
+    usrloc: &Usrloc,
+    frames_buf: &[u8],
+    batch: &mut WriteBatch,
+    mut touched: Option<&mut Touched>,
+) -> u64 {
     let cf = store.contacts();
     let mut n = 0;
     for f in frames(frames_buf) {
@@ -287,7 +315,42 @@ fn add_rows(store: &Store, usrloc: &Usrloc, frames_buf: &[u8], batch: &mut Write
             Some(v) => batch.put_cf(cf, &key, v),
             None => batch.delete_cf(cf, &key),
         }
+        if let Some(t) = touched.as_deref_mut() {
+            match t.get_mut(aor) {
+                Some(keys) => keys.push(key),
+                None => {
+                    t.insert(aor.into(), vec![key]);
+                }
+            }
+        }
         n += 1;
     }
     n
+}
+
+/// Deletes, for every AoR the batch touched, the rows the table no longer holds: those in
+/// the store and those the batch itself wrote. A replicated upsert (a full-sync snapshot
+/// carries no remove records) can replace in the table a binding stored under another key
+/// (another Contact with the same instance and reg-id, or the same Contact without an
+/// instance); no record names that key again, and recovery would bring the binding back.
+fn drop_stale(store: &Store, usrloc: &Usrloc, touched: &Touched, batch: &mut WriteBatch) {
+    let cf = store.contacts();
+    for (aor, named) in touched {
+        let held: Vec<Vec<u8>> = usrloc.read(aor, |r| {
+            r.map_or(&[][..], |r| r.bindings())
+                .iter()
+                .map(|b| contact_key(aor, b.contact(), b.instance(), b.reg_id))
+                .collect()
+        });
+        let stored = store.contact_keys_of(aor).unwrap_or_else(|e| {
+            eprintln!("sipd: persistence: {e}");
+            Vec::new()
+        });
+        let candidates = named.iter().map(|k| &k[..]);
+        for k in candidates.chain(stored.iter().map(|k| &k[..])) {
+            if !held.iter().any(|h| h[..] == *k) {
+                batch.delete_cf(cf, k);
+            }
+        }
+    }
 }
