@@ -471,10 +471,15 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
         }
         ["usrloc", "dump"] | ["usrloc", "dump", _] => {
             let aor = words.get(2).map(|a| a.to_string()).unwrap_or_default();
-            let r = c
+            let mut stream = c
                 .usrloc_dump(pb::UsrlocDumpArgs { aor })
                 .await?
                 .into_inner();
+            let mut r = pb::UsrlocDumpReply::default();
+            while let Some(chunk) = stream.message().await? {
+                r.aors.extend(chunk.aors);
+            }
+            r.aors.sort_by(|a, b| a.aor.cmp(&b.aor));
             if json {
                 print(Json::Arr(
                     r.aors

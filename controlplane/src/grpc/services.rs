@@ -272,13 +272,17 @@ impl pb::admin_server::Admin for AdminSvc {
         Ok(Response::new(pb::EventList { events }))
     }
 
+    type UsrlocDumpStream = ReceiverStream<Result<pb::UsrlocDumpReply, Status>>;
+
     async fn usrloc_dump(
         &self,
         req: Request<pb::UsrlocDumpArgs>,
-    ) -> Result<Response<pb::UsrlocDumpReply>, Status> {
+    ) -> Result<Response<Self::UsrlocDumpStream>, Status> {
+        const CHUNK: usize = 1000;
         let aor = req.into_inner().aor;
         let usrloc = self.0.usrloc.clone();
-        let aors = tokio::task::spawn_blocking(move || {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
             let entry = |k: &[u8], rec: &sipmesh_cluster::AorRecord| pb::AorEntry {
                 aor: String::from_utf8_lossy(k).into_owned(),
                 contacts: rec
@@ -294,10 +298,19 @@ impl pb::admin_server::Admin for AdminSvc {
                     })
                     .collect(),
             };
-            let mut out = Vec::new();
+            let mut out = Vec::with_capacity(CHUNK);
+            let mut closed = false;
             if aor.is_empty() {
-                usrloc.for_each(|k, rec| out.push(entry(k, rec)));
-                out.sort_by(|a, b| a.aor.cmp(&b.aor));
+                usrloc.for_each(|k, rec| {
+                    if closed {
+                        return;
+                    }
+                    out.push(entry(k, rec));
+                    if out.len() == CHUNK {
+                        let aors = std::mem::replace(&mut out, Vec::with_capacity(CHUNK));
+                        closed = tx.blocking_send(Ok(pb::UsrlocDumpReply { aors })).is_err();
+                    }
+                });
             } else {
                 usrloc.read(aor.as_bytes(), |rec| {
                     if let Some(rec) = rec {
@@ -305,11 +318,11 @@ impl pb::admin_server::Admin for AdminSvc {
                     }
                 });
             }
-            out
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::UsrlocDumpReply { aors }))
+            if !closed && !out.is_empty() {
+                let _ = tx.blocking_send(Ok(pb::UsrlocDumpReply { aors: out }));
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn db_stats(&self, _: Request<pb::Empty>) -> Result<Response<pb::DbStatsReply>, Status> {
