@@ -37,6 +37,7 @@ struct StoreSection {
     durability: String,
     flush_ms: u64,
     wal_sync_ms: u64,
+    async_max_unwritten: u64,
     park_bytes: usize,
 }
 
@@ -207,6 +208,7 @@ pub struct StoreConfig {
     pub durability: Durability,
     pub flush_ms: u64,
     pub wal_sync_ms: u64,
+    pub async_max_unwritten: u64,
     pub park_bytes: usize,
 }
 
@@ -420,6 +422,12 @@ impl Config {
         if !(1..=60_000).contains(&st.wal_sync_ms) {
             return Err(err("store.wal_sync_ms", "must be between 1 and 60000"));
         }
+        if st.async_max_unwritten == 0 {
+            return Err(err(
+                "store.async_max_unwritten",
+                "must be at least 1 (durability = \"sync\" waits for every record)",
+            ));
+        }
         if st.park_bytes < f.sip.max_message_size {
             return Err(err(
                 "store.park_bytes",
@@ -435,6 +443,7 @@ impl Config {
             durability,
             flush_ms: st.flush_ms,
             wal_sync_ms: st.wal_sync_ms,
+            async_max_unwritten: st.async_max_unwritten,
             park_bytes: st.park_bytes,
         };
         let udp = addrs("listen.udp", &f.listen.udp)?;

@@ -89,8 +89,13 @@ impl Node {
         } else {
             None
         };
-        let sync = store.is_some() && config.store.durability == Durability::Sync;
-        let gates: Vec<Arc<DurableShared>> = if sync {
+        // With a store, every worker's REGISTER replies go through a durability gate: no
+        // slack in sync mode, `async_max_unwritten` records in async mode.
+        let slack = match config.store.durability {
+            Durability::Sync => 0,
+            Durability::Async => config.store.async_max_unwritten,
+        };
+        let gates: Vec<Arc<DurableShared>> = if store.is_some() {
             (0..n)
                 .map(|_| DurableShared::new())
                 .collect::<std::io::Result<_>>()?
@@ -167,7 +172,9 @@ impl Node {
                 }
                 let core = Core::new(core_cfg.clone(), registrar, core_stats[i].clone());
                 match gates.get(i) {
-                    Some(g) => core.with_durability_gate(Gate::new(g.clone(), park_bytes, max_msg)),
+                    Some(g) => {
+                        core.with_durability_gate(Gate::new(g.clone(), park_bytes, max_msg, slack))
+                    }
                     None => core,
                 }
             }

@@ -1,17 +1,19 @@
-//! Durability gate of one worker (`sync` durability): a REGISTER's 200 is held back until
-//! the change records it depends on are in the write-ahead log and synced.
+//! Durability gate of one worker: a REGISTER's 200 is held back until the change records
+//! it depends on are stored — with no slack in `sync` durability (in the synced
+//! write-ahead log), with a bounded slack in `async` (so that a store that falls behind
+//! bounds what a crash can lose instead of letting the backlog grow).
 //!
 //! The worker's change ring numbers its records by how many it has pushed; the
-//! persistence side publishes, per worker, how many of them are durable
-//! ([`DurableShared::durable`]) and rings the worker's [`Doorbell`]. A reply is parked
-//! with the ring position reached when it was decided and sent once that position is
-//! durable — in order, without allocation: parked replies are written into one arena
-//! allocated at start, and a REGISTER that finds no room for its reply is refused (503)
-//! before it changes anything.
+//! persistence side publishes, per worker, how many of them are stored
+//! ([`DurableShared::durable`]) and rings the worker's [`Doorbell`] when the worker waits.
+//! A reply is parked with the ring position reached when it was decided and sent once
+//! that position, less the slack, is stored — in order, without allocation: parked replies
+//! are written into one arena allocated at start, and a REGISTER that finds no room for
+//! its reply is refused (503) before it changes anything.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::io::{ConnId, Dest, Doorbell, Outbox};
 
@@ -21,8 +23,10 @@ pub struct DurableShared {
     /// Records of the worker's change ring that are durable (a count, as the ring's own
     /// "pushed" counter).
     pub durable: AtomicU64,
-    /// Rung after `durable` advances.
+    /// Rung after `durable` advances, when the worker waits.
     pub doorbell: Doorbell,
+    /// The worker may wait (set before it checks `durable`, cleared when nothing waits).
+    pub waiting: AtomicBool,
 }
 
 impl DurableShared {
@@ -31,12 +35,15 @@ impl DurableShared {
         Ok(Arc::new(DurableShared {
             durable: AtomicU64::new(0),
             doorbell: Doorbell::new()?,
+            waiting: AtomicBool::new(false),
         }))
     }
 
-    /// Persistence side: `n` records are durable; wakes the worker when that is news.
+    /// Persistence side: `n` records are stored; wakes the worker when it waits. (The
+    /// worker sets `waiting` before it reads `durable`, this side writes `durable` before
+    /// it reads `waiting`, both sequentially consistent: one of them sees the other.)
     pub fn publish(&self, n: u64) {
-        if self.durable.fetch_max(n, Ordering::Release) < n {
+        if self.durable.fetch_max(n, Ordering::SeqCst) < n && self.waiting.load(Ordering::SeqCst) {
             self.doorbell.ring();
         }
     }
@@ -59,13 +66,16 @@ pub struct Gate {
     tail: usize,
     parked: VecDeque<Parked>,
     max_msg: usize,
+    /// Records that may be unstored when a reply leaves (0: `sync`).
+    slack: u64,
     /// Replies parked since start.
     pub parked_total: u64,
 }
 
 impl Gate {
-    /// `arena_bytes` of parking space (at least one maximum-size message).
-    pub fn new(shared: Arc<DurableShared>, arena_bytes: usize, max_msg: usize) -> Gate {
+    /// `arena_bytes` of parking space (at least one maximum-size message); a reply leaves
+    /// once all but `slack` of the records pushed before it are stored.
+    pub fn new(shared: Arc<DurableShared>, arena_bytes: usize, max_msg: usize, slack: u64) -> Gate {
         let size = arena_bytes.max(max_msg);
         Gate {
             shared,
@@ -74,6 +84,7 @@ impl Gate {
             tail: 0,
             parked: VecDeque::with_capacity(size / 256 + 1),
             max_msg,
+            slack,
             parked_total: 0,
         }
     }
@@ -83,9 +94,15 @@ impl Gate {
         self.shared.doorbell.as_raw_fd()
     }
 
-    /// Whether records up to `pos` are durable.
+    /// Whether a reply decided at ring position `pos` may leave now. Marks the worker as
+    /// possibly waiting first, so that a publish racing with this check still wakes it.
     pub fn is_durable(&self, pos: u64) -> bool {
-        self.shared.durable.load(Ordering::Acquire) >= pos
+        self.shared.waiting.store(true, Ordering::SeqCst);
+        let ok = self.shared.durable.load(Ordering::SeqCst) + self.slack >= pos;
+        if ok && self.parked.is_empty() {
+            self.shared.waiting.store(false, Ordering::Relaxed);
+        }
+        ok
     }
 
     /// Whether one more reply of the maximum size can be parked (compacting if needed).
@@ -121,7 +138,7 @@ impl Gate {
 
     /// Sends, in order, every parked reply whose records are durable.
     pub fn release<O: Outbox>(&mut self, out: &mut O) -> usize {
-        let durable = self.shared.durable.load(Ordering::Acquire);
+        let durable = self.shared.durable.load(Ordering::SeqCst) + self.slack;
         let mut n = 0;
         while let Some(p) = self.parked.front().copied() {
             if p.pos > durable {
@@ -139,6 +156,7 @@ impl Gate {
         if self.parked.is_empty() {
             self.head = 0;
             self.tail = 0;
+            self.shared.waiting.store(false, Ordering::Relaxed);
         }
         n
     }

@@ -12,7 +12,7 @@ fn gated(arena: usize) -> (Harness, std::sync::Arc<DurableShared>) {
     let mut h = Harness::new(RegistrarConfig::default());
     let shared = DurableShared::new().unwrap();
     let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
-    h.core = core.with_durability_gate(Gate::new(shared.clone(), arena, 4096));
+    h.core = core.with_durability_gate(Gate::new(shared.clone(), arena, 4096, 0));
     (h, shared)
 }
 
@@ -107,4 +107,32 @@ fn a_full_parking_area_refuses_before_changing_anything() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+}
+
+#[test]
+fn with_slack_replies_leave_until_the_store_is_that_far_behind() {
+    // Async durability: up to 2 records may be unstored when a reply leaves.
+    let mut h = Harness::new(RegistrarConfig::default());
+    let shared = DurableShared::new().unwrap();
+    let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
+    h.core = core.with_durability_gate(Gate::new(shared.clone(), 1 << 20, 4096, 2));
+    for (i, user) in ["a", "b"].iter().enumerate() {
+        let r = h.send(&register(
+            user,
+            &format!("c{i}"),
+            1,
+            &[&format!("Contact: <sip:{user}@192.0.2.10>")],
+        ));
+        assert_eq!(status(&r), 200, "{r}");
+    }
+    // The third is 3 records ahead of the store: it waits.
+    assert_eq!(
+        h.send(&register("c", "c3", 1, &["Contact: <sip:c@192.0.2.10>"])),
+        ""
+    );
+    assert_eq!(h.core.parked_replies(), 1);
+    shared.publish(1);
+    h.advance(10);
+    assert_eq!(h.out.sent.len(), 1);
+    assert!(h.out.last_text().contains("sip:c@192.0.2.10"));
 }
