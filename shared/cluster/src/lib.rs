@@ -7,17 +7,21 @@
 //! * [`ring`]: a per-worker single-producer single-consumer byte ring carrying change records
 //!   from a worker to the control plane.
 //! * [`wheel`]: a sans-IO hashed timer wheel (binding expiry).
+//! * [`ownership`]: the shared-memory ownership segment (active sharing tags, partition
+//!   buckets) read by the workers before every externally visible action; with the
+//!   driver islands of the dataplane, the only `unsafe` code of the project.
 //! * [`apply`]: replication on the receiving side — [`Usrloc::apply_remote`] merges a change
 //!   record from another node by last writer wins on the binding version (no local side
 //!   effects), and [`Usrloc::snapshot_records`] yields the records of a full sync.
 //! * [`digest`]: [`Digest`], an order-independent, incrementally maintainable digest of the
 //!   bindings ([`Usrloc::digest`]), to verify a full sync.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod apply;
 pub mod change;
 pub mod digest;
+pub mod ownership;
 pub mod ring;
 pub mod usrloc;
 pub mod wheel;
