@@ -50,7 +50,7 @@ fn bench(c: &mut Criterion) {
             o.set_tag(0, true, 1);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                o.set_bucket((n % BUCKETS as u64) as usize, n % 2 == 0);
+                o.set_bucket((n % BUCKETS as u64) as usize, n.is_multiple_of(2));
                 s.publish(&o);
                 n += 1;
             }
