@@ -13,6 +13,7 @@ fn segment() -> Arc<Segment> {
     let s = Arc::new(Segment::anonymous(1).unwrap());
     let mut o = Ownership::default();
     o.set_tag(0, true, 1);
+    o.set_shared(0, true);
     for b in (0..BUCKETS).step_by(2) {
         o.set_bucket(b, true);
     }

@@ -39,6 +39,9 @@ pub struct Layout {
     generation: AtomicU64,
     /// Bit `i`: sharing tag slot `i` is active here.
     tags: [AtomicU64; TAG_WORDS],
+    /// Bit `i`: tag slot `i` is active on several nodes at once, which split its objects
+    /// by bucket (the node-wide default tag); clear: one active node acts on all of them.
+    shared: [AtomicU64; TAG_WORDS],
     /// Bit `b`: this node acts on partition bucket `b`.
     buckets: [AtomicU64; BUCKET_WORDS],
     /// Term under which each tag slot's state was decided.
@@ -53,6 +56,8 @@ pub const SEGMENT_BYTES: usize = std::mem::size_of::<Layout>();
 pub struct Ownership {
     /// Active tag slots.
     pub tags: [u64; TAG_WORDS],
+    /// Tag slots whose objects are split by bucket.
+    pub shared: [u64; TAG_WORDS],
     /// Buckets this node acts on.
     pub buckets: [u64; BUCKET_WORDS],
     /// Term of each tag slot.
@@ -63,6 +68,7 @@ impl Default for Ownership {
     fn default() -> Self {
         Ownership {
             tags: [0; TAG_WORDS],
+            shared: [0; TAG_WORDS],
             buckets: [0; BUCKET_WORDS],
             terms: vec![0; TAG_SLOTS],
         }
@@ -81,6 +87,24 @@ impl Ownership {
             }
             self.terms[slot] = term;
         }
+    }
+
+    /// Marks tag slot `slot` as split by bucket among its active nodes.
+    pub fn set_shared(&mut self, slot: usize, shared: bool) {
+        if slot < TAG_SLOTS {
+            let (w, b) = (slot / 64, slot % 64);
+            if shared {
+                self.shared[w] |= 1 << b;
+            } else {
+                self.shared[w] &= !(1 << b);
+            }
+        }
+    }
+
+    /// Whether this node acts on an object of tag slot `tag` in bucket `bucket`.
+    pub fn acts_on(&self, tag: usize, bucket: usize) -> bool {
+        self.tag_active(tag)
+            && (self.shared[tag / 64] >> (tag % 64) & 1 == 0 || self.bucket_mine(bucket))
     }
 
     /// Marks bucket `b` as acted on here.
@@ -277,6 +301,9 @@ impl Segment {
         for (a, v) in l.tags.iter().zip(o.tags) {
             a.store(v, Ordering::Relaxed);
         }
+        for (a, v) in l.shared.iter().zip(o.shared) {
+            a.store(v, Ordering::Relaxed);
+        }
         for (a, v) in l.buckets.iter().zip(o.buckets) {
             a.store(v, Ordering::Relaxed);
         }
@@ -308,8 +335,9 @@ impl Segment {
     }
 
     /// Whether this node acts on an object of tag slot `tag` and bucket `bucket`: the tag
-    /// is active here and the bucket is assigned here, in the same publication. The
-    /// returned generation fences the action (act only if it is still current).
+    /// is active here and — for a tag shared by several active nodes — the bucket is
+    /// assigned here, in the same publication. The returned generation fences the action
+    /// (act only if it is still current).
     #[inline]
     pub fn acts_on(&self, tag: usize, bucket: usize) -> (bool, u64) {
         let (tw, tb) = (tag / 64, tag % 64);
@@ -319,7 +347,8 @@ impl Segment {
         }
         self.read(|l| {
             l.tags[tw].load(Ordering::Relaxed) >> tb & 1 == 1
-                && l.buckets[bw].load(Ordering::Relaxed) >> bb & 1 == 1
+                && (l.shared[tw].load(Ordering::Relaxed) >> tb & 1 == 0
+                    || l.buckets[bw].load(Ordering::Relaxed) >> bb & 1 == 1)
         })
     }
 
@@ -327,6 +356,7 @@ impl Segment {
     pub fn snapshot(&self) -> (Ownership, u64) {
         self.read(|l| Ownership {
             tags: std::array::from_fn(|i| l.tags[i].load(Ordering::Relaxed)),
+            shared: std::array::from_fn(|i| l.shared[i].load(Ordering::Relaxed)),
             buckets: std::array::from_fn(|i| l.buckets[i].load(Ordering::Relaxed)),
             terms: l.terms.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
         })
@@ -353,13 +383,17 @@ mod tests {
         assert!(!s.acts_on(0, 0).0, "nothing is owned before a publication");
         let mut o = Ownership::default();
         o.set_tag(2, true, 7);
+        o.set_shared(2, true);
+        o.set_tag(4, true, 9);
         o.set_bucket(5, true);
         o.set_bucket(1023, true);
         s.publish(&o);
+        // An exclusive tag: every bucket.
+        assert!(s.acts_on(4, 6).0 && o.acts_on(4, 6));
         assert_eq!(s.generation(), 2);
         assert!(s.acts_on(2, 5).0);
         assert!(s.acts_on(2, 1023).0);
-        assert!(!s.acts_on(2, 6).0);
+        assert!(!s.acts_on(2, 6).0 && !o.acts_on(2, 6));
         assert!(!s.acts_on(3, 5).0);
         assert!(!s.acts_on(TAG_SLOTS, 5).0 && !s.acts_on(2, BUCKETS).0);
         let (snap, g) = s.snapshot();
@@ -375,6 +409,7 @@ mod tests {
         let w = Segment::create(&path, 9).unwrap();
         let mut o = Ownership::default();
         o.set_tag(0, true, 1);
+        o.set_shared(0, true);
         for b in 0..BUCKETS / 2 {
             o.set_bucket(b, true);
         }
@@ -400,6 +435,8 @@ mod tests {
         for i in 0..TAG_SLOTS {
             a.set_tag(i, i % 2 == 0, 1);
             b.set_tag(i, i % 2 == 1, 2);
+            a.set_shared(i, i % 3 == 0);
+            b.set_shared(i, i % 3 != 0);
         }
         for i in 0..BUCKETS {
             a.set_bucket(i, i % 3 == 0);
