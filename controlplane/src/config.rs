@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 use crate::mesh::ClusterMode;
+use crate::mesh::tags::TagRole;
 use crate::store::persist::Durability;
 use sipmesh_dataplane::io::{Backend, IoConfig};
 use sipmesh_dataplane::registrar::{MaxContactsPolicy, RegistrarConfig};
@@ -18,6 +19,7 @@ pub const DEFAULT_TOML: &str = include_str!("../sipd.toml");
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     node: NodeSection,
+    tags: TagsSection,
     grpc: GrpcSection,
     cluster: ClusterSection,
     listen: ListenSection,
@@ -50,6 +52,14 @@ struct NodeSection {
     sip_addr: String,
     seed: bool,
     priority: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsSection {
+    list: Vec<String>,
+    failover_ms: u64,
+    segment: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +193,36 @@ pub struct ClusterConfig {
     pub sync_timeout_ms: u64,
     pub resume_margin_ms: u64,
     pub replay_buffer_bytes: usize,
+    /// Sharing tags configured here.
+    pub tags: Vec<(String, TagRole)>,
+    /// 0: no automatic failover.
+    pub tag_failover_ms: u64,
+    /// Ownership segment path ("" = the default under /dev/shm).
+    pub segment: String,
+}
+
+/// Parses `name=active|backup`.
+pub fn parse_tag(s: &str) -> Result<(String, TagRole), String> {
+    let Some((name, role)) = s.split_once('=') else {
+        return Err(format!("`{s}` is not NAME=active|backup"));
+    };
+    let name = name.split('/').next().unwrap_or(name);
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!(
+            "`{name}` is not a tag name (1..64 of A-Z a-z 0-9 - _ .)"
+        ));
+    }
+    let role = match role {
+        "active" => TagRole::Active,
+        "backup" => TagRole::Backup,
+        other => return Err(format!("`{other}` is not active or backup")),
+    };
+    Ok((name.to_string(), role))
 }
 
 /// Checks a peer URL: `http://HOST:PORT` with an explicit port.
@@ -258,6 +298,19 @@ impl Config {
             format!("http://{}", self.cluster.grpc_listen)
         } else {
             self.cluster.peer_url.clone()
+        }
+    }
+
+    /// The ownership segment's file.
+    pub fn segment_path(&self) -> std::path::PathBuf {
+        if self.cluster.segment.is_empty() {
+            format!(
+                "/dev/shm/sipmesh-c{}-n{}.own",
+                self.cluster.cluster_id, self.node_id
+            )
+            .into()
+        } else {
+            self.cluster.segment.clone().into()
         }
     }
 
@@ -382,7 +435,24 @@ impl Config {
         if c.replay_buffer_bytes < 1 << 16 {
             return Err(err("cluster.replay_buffer_bytes", "must be at least 65536"));
         }
+        let mut tags: Vec<(String, TagRole)> = Vec::new();
+        for (i, t) in f.tags.list.iter().enumerate() {
+            let (name, role) = parse_tag(t).map_err(|e| err(&format!("tags.list[{i}]"), e))?;
+            if tags.iter().any(|(n, _)| *n == name) {
+                return Err(err(
+                    &format!("tags.list[{i}]"),
+                    format!("tag `{name}` is listed twice"),
+                ));
+            }
+            tags.push((name, role));
+        }
+        if f.tags.failover_ms > 3_600_000 {
+            return Err(err("tags.failover_ms", "must be at most 3600000"));
+        }
         let cluster = ClusterConfig {
+            tags,
+            tag_failover_ms: f.tags.failover_ms,
+            segment: f.tags.segment.clone(),
             cluster_id: f.node.cluster,
             grpc_listen,
             peer_url: f.node.peer_url.clone(),
@@ -625,6 +695,12 @@ mod tests {
             ),
             ("[cluster]\njoin = [\"nope\"]\n", "cluster.join[0]"),
             ("[cluster]\nmode = \"mesh\"\n", "cluster.mode"),
+            ("[tags]\nlist = [\"vip=primary\"]\n", "tags.list[0]"),
+            ("[tags]\nlist = [\"v p=active\"]\n", "tags.list[0]"),
+            (
+                "[tags]\nlist = [\"vip=active\", \"vip/1=backup\"]\n",
+                "tags.list[1]",
+            ),
             ("[store]\ndurability = \"fsync\"\n", "store.durability"),
             ("[store]\ndata_dir = \"\"\n", "store.data_dir"),
             ("[store]\npark_bytes = 10\n", "store.park_bytes"),

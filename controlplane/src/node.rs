@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use sipmesh_cluster::NodeId;
 use sipmesh_cluster::change::{Change, ChangeRecord};
+use sipmesh_cluster::ownership::Segment;
 use sipmesh_cluster::ring::{ChangeProducer, change_ring};
 use sipmesh_cluster::usrloc::Usrloc;
 use sipmesh_dataplane::core::{Core, CoreConfig, CoreStats};
@@ -40,6 +41,8 @@ pub struct Node {
     pub persist_stats: Option<Arc<PersistStats>>,
     /// What recovery loaded at start.
     pub recovered: LoadReport,
+    /// The ownership segment.
+    pub segment: Arc<Segment>,
     shutdown: Arc<AtomicBool>,
     workers_done: Arc<AtomicBool>,
     control: Option<ControlPlane>,
@@ -61,6 +64,7 @@ impl Node {
         let usrloc = Arc::new(Usrloc::new(config.usrloc_capacity));
         // Recovery: what the store holds is in the table before anything is served.
         let mut recovered = LoadReport::default();
+        let mut persisted_tags = Vec::new();
         let store = if config.store.enabled {
             let store = Store::open(
                 &config.store.data_dir,
@@ -85,10 +89,13 @@ impl Node {
                     recovered.expired
                 );
             }
+            persisted_tags = store.load_tag_terms().map_err(other)?;
             Some(Arc::new(store))
         } else {
             None
         };
+        // The ownership segment: nothing is owned until the control plane publishes.
+        let segment = Arc::new(Segment::create(&config.segment_path(), config.node_id)?);
         // With a store, every worker's REGISTER replies go through a durability gate: no
         // slack in sync mode, `async_max_unwritten` records in async mode.
         let slack = match config.store.durability {
@@ -188,10 +195,12 @@ impl Node {
             ControlOptions {
                 dump_changes: opts.dump_changes,
                 newest_version: recovered.newest_version,
+                persisted_tags,
             },
             workers_done.clone(),
             store.clone(),
             persister.as_ref(),
+            segment.clone(),
         )?;
         let workers = match io::spawn_workers(&config.io, make, shutdown.clone()) {
             Ok(w) => w,
@@ -211,6 +220,7 @@ impl Node {
             grpc_addr: control.grpc_addr,
             persist_stats: persister.as_ref().map(|p| p.stats.clone()),
             recovered,
+            segment,
             shutdown,
             workers_done,
             control: Some(control),

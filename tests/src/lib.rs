@@ -148,6 +148,10 @@ impl Sipd {
         if !extra_args.contains(&"--grpc") {
             cmd.arg("--grpc").arg(grpc.to_string());
         }
+        // An ownership segment of its own, in the test's directory.
+        if !extra_args.contains(&"--segment") {
+            cmd.arg("--segment").arg(dir.join("ownership"));
+        }
         // A store of its own, removed with the process, unless the test names one.
         let own_data = if extra_args.contains(&"--data-dir") || extra_args.contains(&"--no-store") {
             None

@@ -25,6 +25,12 @@ COMMANDS:
     sync request CAP       full sync of CAP (usrloc) from a donor now
     events                 node up/down, link and sync events, with reasons
     usrloc dump [AOR]      registered contacts (all, or one address-of-record)
+    tag list               sharing tags: state here, term, active node
+    tag history            this node's tag transitions, with reasons
+    tag activate NAME      make this node active for NAME (the next term; the
+                           node that held it steps down)
+    ownership              what the ownership segment says: active tag slots,
+                           partition buckets acted on here
     db stats               the store: rows and bytes per column family, writes
     db compact             flush and compact every column family
     db checkpoint DIR      a consistent copy of the store in DIR (on the node's
@@ -579,6 +585,153 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                             ]
                         })
                         .collect(),
+                );
+            }
+        }
+        ["tag", "list"] | ["tags"] => {
+            let r = c.list_tags(e).await?.into_inner();
+            if json {
+                print(Json::Arr(
+                    r.tags
+                        .iter()
+                        .map(|t| {
+                            Json::Obj(vec![
+                                ("name", s(t.name.clone())),
+                                ("slot", Json::Num(u64::from(t.slot))),
+                                ("state", s(t.state.clone())),
+                                ("term", Json::Num(t.term)),
+                                ("holder", Json::Num(u64::from(t.holder))),
+                                ("configured", s(t.configured.clone())),
+                            ])
+                        })
+                        .collect(),
+                ));
+            } else {
+                table(
+                    &["TAG", "STATE", "TERM", "ACTIVE-NODE", "CONFIGURED", "SLOT"],
+                    r.tags
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.name.clone(),
+                                t.state.clone(),
+                                t.term.to_string(),
+                                if t.holder == 0 {
+                                    "-".into()
+                                } else {
+                                    t.holder.to_string()
+                                },
+                                if t.configured.is_empty() {
+                                    "-".into()
+                                } else {
+                                    t.configured.clone()
+                                },
+                                t.slot.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        ["tag", "history"] => {
+            let r = c.tag_history(e).await?.into_inner();
+            if json {
+                print(Json::Arr(
+                    r.transitions
+                        .iter()
+                        .map(|t| {
+                            Json::Obj(vec![
+                                ("at_ms", Json::Num(t.at_ms)),
+                                ("tag", s(t.tag.clone())),
+                                ("became", s(t.became.clone())),
+                                ("term", Json::Num(t.term)),
+                                ("reason", s(t.reason.clone())),
+                            ])
+                        })
+                        .collect(),
+                ));
+            } else {
+                table(
+                    &["AT(unix ms)", "TAG", "BECAME", "TERM", "REASON"],
+                    r.transitions
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.at_ms.to_string(),
+                                t.tag.clone(),
+                                t.became.clone(),
+                                t.term.to_string(),
+                                t.reason.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        ["tag", "activate", name] => {
+            let r = c
+                .set_tag_active(pb::TagArg {
+                    name: name.to_string(),
+                })
+                .await?
+                .into_inner();
+            say!("tag {name} active here with term {}", r.term);
+        }
+        ["ownership"] => {
+            let r = c.ownership(e).await?.into_inner();
+            if json {
+                print(Json::Obj(vec![
+                    ("segment", s(r.segment.clone())),
+                    ("generation", Json::Num(r.generation)),
+                    (
+                        "active_tag_slots",
+                        Json::Arr(
+                            r.active_tag_slots
+                                .iter()
+                                .map(|x| Json::Num(u64::from(*x)))
+                                .collect(),
+                        ),
+                    ),
+                    (
+                        "shared_tag_slots",
+                        Json::Arr(
+                            r.shared_tag_slots
+                                .iter()
+                                .map(|x| Json::Num(u64::from(*x)))
+                                .collect(),
+                        ),
+                    ),
+                    ("buckets", Json::Num(u64::from(r.buckets))),
+                    ("buckets_mine", Json::Num(u64::from(r.buckets_mine))),
+                    (
+                        "bucket_bits",
+                        Json::Arr(
+                            r.bucket_bits
+                                .iter()
+                                .map(|x| s(format!("{x:016x}")))
+                                .collect(),
+                        ),
+                    ),
+                ]));
+            } else {
+                say!(
+                    "segment {} generation {}",
+                    if r.segment.is_empty() {
+                        "(anonymous)"
+                    } else {
+                        &r.segment
+                    },
+                    r.generation
+                );
+                say!(
+                    "active tag slots: {:?} (shared, split by bucket: {:?})",
+                    r.active_tag_slots,
+                    r.shared_tag_slots
+                );
+                say!(
+                    "partition buckets acted on here: {} of {}",
+                    r.buckets_mine,
+                    r.buckets
                 );
             }
         }

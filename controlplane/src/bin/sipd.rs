@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mimalloc::MiMalloc;
-use sipmesh_controlplane::config::{Config, DEFAULT_TOML, check_peer_url};
+use sipmesh_controlplane::config::{Config, DEFAULT_TOML, check_peer_url, parse_tag};
 use sipmesh_controlplane::node::{Node, RunOptions};
 use sipmesh_controlplane::store::persist::Durability;
 use sipmesh_dataplane::io::Backend;
@@ -46,6 +46,10 @@ OPTIONS:
         --durability M     async (default) or sync: answer a REGISTER only once its
                            change is in the synced write-ahead log
         --no-store         keep everything in memory only
+        --tag NAME=ROLE    a sharing tag of this node, ROLE active or backup;
+                           repeatable (adds to tags.list)
+        --segment PATH     the ownership segment file (default
+                           /dev/shm/sipmesh-c<cluster>-n<node>.own)
         --dump-changes     print every change record (binding added, refreshed,
                            removed, expired) on standard output
         --check-config     validate the configuration and exit
@@ -82,6 +86,8 @@ fn main() {
     let mut data_dir: Option<String> = None;
     let mut durability: Option<String> = None;
     let mut no_store = false;
+    let mut tags: Vec<String> = Vec::new();
+    let mut segment: Option<String> = None;
     while let Some(a) = args.next() {
         let mut value = |name: &str| {
             args.next()
@@ -99,6 +105,8 @@ fn main() {
             "--data-dir" => data_dir = Some(value(&a)),
             "--durability" => durability = Some(value(&a)),
             "--no-store" => no_store = true,
+            "--tag" => tags.push(value(&a)),
+            "--segment" => segment = Some(value(&a)),
             "--udp" => udp.push(value(&a)),
             "--tcp" => tcp.push(value(&a)),
             "-w" | "--workers" => workers = Some(value(&a)),
@@ -209,6 +217,17 @@ fn main() {
     }
     if no_store {
         cfg.store.enabled = false;
+    }
+    for t in tags {
+        let (name, role) = parse_tag(&t).unwrap_or_else(|e| fail(format!("--tag: {e}")));
+        cfg.cluster.tags.retain(|(n, _)| *n != name);
+        cfg.cluster.tags.push((name, role));
+    }
+    if let Some(p) = segment {
+        if p.is_empty() {
+            fail("--segment: needs a path");
+        }
+        cfg.cluster.segment = p;
     }
     if check_only {
         println!("configuration ok");

@@ -4,6 +4,7 @@
 use sipmesh_cluster::NodeId;
 
 use crate::config::check_peer_url;
+use crate::mesh::tags::TagClaim;
 use crate::mesh::{
     Batch, Body, CapAdvert, Capability, Envelope, FLOOD, LinkStateAd, NodeInfo, Removal, SyncState,
     Watermark,
@@ -112,7 +113,24 @@ fn link_state(ls: pb::LinkState) -> Result<LinkStateAd, Invalid> {
             })
         })
         .collect::<Result<_, _>>()?;
+    let tags = ls
+        .tags
+        .into_iter()
+        .map(|t| {
+            Ok(TagClaim {
+                holder: if t.holder == 0 {
+                    None
+                } else {
+                    Some(node_id("link_state.tags.holder", t.holder)?)
+                },
+                name: t.name,
+                term: t.term,
+                candidate: t.candidate,
+            })
+        })
+        .collect::<Result<_, Invalid>>()?;
     Ok(LinkStateAd {
+        tags,
         node,
         incarnation: ls.incarnation,
         seq: ls.seq,
@@ -143,6 +161,16 @@ fn link_state_pb(a: &LinkStateAd) -> pb::LinkState {
             })
             .collect(),
         last_repl_seq: a.last_repl_seq,
+        tags: a
+            .tags
+            .iter()
+            .map(|t| pb::TagClaim {
+                name: t.name.clone(),
+                term: t.term,
+                holder: t.holder.map_or(0, |h| u32::from(h.0)),
+                candidate: t.candidate,
+            })
+            .collect(),
     }
 }
 
@@ -362,6 +390,20 @@ mod tests {
                 incarnation: 10,
             }],
             last_repl_seq: 42,
+            tags: vec![
+                TagClaim {
+                    name: "vip".into(),
+                    term: 7,
+                    holder: Some(NodeId(2)),
+                    candidate: true,
+                },
+                TagClaim {
+                    name: "new".into(),
+                    term: 0,
+                    holder: None,
+                    candidate: false,
+                },
+            ],
         };
         let e = Envelope {
             src: NodeId(1),

@@ -36,6 +36,7 @@ use crate::node::format_change;
 use crate::pb;
 use crate::store::Store;
 use crate::store::persist::{PersistSender, PersistStats, Persister};
+use sipmesh_cluster::ownership::Segment;
 
 /// Largest replication batch (bytes of framed records) the drain builds.
 const MAX_BATCH_BYTES: usize = 512 * 1024;
@@ -91,6 +92,8 @@ pub(crate) struct Shared {
     pub persist_stats: Option<Arc<PersistStats>>,
     /// Its durability mode (`async` | `sync`).
     pub durability: &'static str,
+    /// The ownership segment the workers read.
+    pub segment: Arc<Segment>,
 }
 
 impl Shared {
@@ -129,6 +132,8 @@ pub struct ControlOptions {
     /// Newest object version recovered from the store (cold-start election, and where a
     /// restarted node's first sync resumes).
     pub newest_version: u64,
+    /// Sharing-tag terms recovered from the store: (name, term, holder).
+    pub persisted_tags: Vec<(String, u64, Option<u16>)>,
 }
 
 /// The running control plane.
@@ -152,6 +157,7 @@ impl ControlPlane {
         workers_done: Arc<AtomicBool>,
         store: Option<Arc<Store>>,
         persister: Option<&Persister>,
+        segment: Arc<Segment>,
     ) -> std::io::Result<ControlPlane> {
         let persist = persister.map(Persister::sender);
         let persist_stats = persister.map(|p| p.stats.clone());
@@ -192,6 +198,13 @@ impl ControlPlane {
         mc.mode = c.mode;
         mc.joining = !c.join.is_empty();
         mc.resume_margin = c.resume_margin_ms;
+        mc.tags = c.tags.clone();
+        mc.tag_failover = (c.tag_failover_ms > 0).then_some(c.tag_failover_ms);
+        mc.persisted_tags = opts
+            .persisted_tags
+            .iter()
+            .map(|(n, t, h)| (n.clone(), *t, h.map(NodeId)))
+            .collect();
         let members: Vec<NodeInfo> = c
             .members
             .iter()
@@ -226,6 +239,7 @@ impl ControlPlane {
                     persist,
                     persist_stats,
                     durability,
+                    segment,
                 };
                 runtime.block_on(run(
                     mc,
@@ -499,6 +513,18 @@ fn dispatch(
                 });
             }
             Action::Event(e) => log_event(&e),
+            Action::Publish(o) => shared.segment.publish(&o),
+            Action::PersistTags(tags) => {
+                if let Some(store) = &shared.store {
+                    let rows: Vec<(String, u64, Option<u16>)> = tags
+                        .into_iter()
+                        .map(|(n, t, h)| (n, t, h.map(|h| h.0)))
+                        .collect();
+                    if let Err(e) = store.save_tag_terms(&rows) {
+                        eprintln!("sipd: cluster: cannot persist tag terms: {e}");
+                    }
+                }
+            }
         }
     }
 }

@@ -392,6 +392,88 @@ impl pb::admin_server::Admin for AdminSvc {
             .map_err(|e| Status::internal(e.0))?;
         Ok(Response::new(pb::Empty {}))
     }
+
+    async fn set_tag_active(
+        &self,
+        req: Request<pb::TagArg>,
+    ) -> Result<Response<pb::TagActivated>, Status> {
+        let name = req.into_inner().name;
+        let term = self
+            .0
+            .query(move |m, now| m.activate_tag(now, &name))
+            .await?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::TagActivated { term }))
+    }
+
+    async fn list_tags(&self, _: Request<pb::Empty>) -> Result<Response<pb::TagList>, Status> {
+        let tags = self.0.query(|m, _| m.tags()).await?;
+        Ok(Response::new(pb::TagList {
+            tags: tags
+                .into_iter()
+                .map(|t| pb::TagStatus {
+                    name: t.name,
+                    slot: t.slot as u32,
+                    state: if t.active { "active" } else { "backup" }.into(),
+                    term: t.term,
+                    holder: t.holder.map_or(0, |h| u32::from(h.0)),
+                    configured: match t.configured {
+                        Some(crate::mesh::tags::TagRole::Active) => "active".into(),
+                        Some(crate::mesh::tags::TagRole::Backup) => "backup".into(),
+                        None => String::new(),
+                    },
+                })
+                .collect(),
+        }))
+    }
+
+    async fn tag_history(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::TagHistoryList>, Status> {
+        let transitions = self
+            .0
+            .query(|m, now| {
+                m.tag_history()
+                    .map(|t| pb::TagTransition {
+                        at_ms: ms_to_unix(now, t.at),
+                        tag: t.tag.clone(),
+                        became: t.became.to_string(),
+                        term: t.term,
+                        reason: t.reason.clone(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        Ok(Response::new(pb::TagHistoryList { transitions }))
+    }
+
+    async fn ownership(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::OwnershipReply>, Status> {
+        use sipmesh_cluster::ownership::{BUCKETS, TAG_SLOTS};
+        let seg = &self.0.segment;
+        let (o, generation) = seg.snapshot();
+        let slots = |bits: &[u64]| -> Vec<u32> {
+            (0..TAG_SLOTS)
+                .filter(|i| bits[i / 64] >> (i % 64) & 1 == 1)
+                .map(|i| i as u32)
+                .collect()
+        };
+        Ok(Response::new(pb::OwnershipReply {
+            segment: seg
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            generation,
+            active_tag_slots: slots(&o.tags),
+            shared_tag_slots: slots(&o.shared),
+            buckets: BUCKETS as u32,
+            buckets_mine: o.bucket_count() as u32,
+            bucket_bits: o.buckets.to_vec(),
+        }))
+    }
 }
 
 impl AdminSvc {

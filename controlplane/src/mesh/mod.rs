@@ -28,12 +28,16 @@
 //!   declare itself synced after `seed_fallback`, and so may the node holding the newest data
 //!   when every reachable member is equally unsynced (a cold start needs no hand-picked seed).
 
+pub mod tags;
 pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use sipmesh_cluster::NodeId;
+use sipmesh_cluster::ownership::{BUCKETS, Ownership};
+
+use tags::{DEFAULT_TAG_SLOT, TagRole, TagTransition, TagView, Tags};
 
 pub use types::*;
 
@@ -96,6 +100,12 @@ pub struct MeshConfig {
     /// A node restarted with data asks for changes newer than its newest version less
     /// this margin (clock skew between nodes plus replication lag), in ms.
     pub resume_margin: Millis,
+    /// Sharing tags configured on this node.
+    pub tags: Vec<(String, TagRole)>,
+    /// Tag terms recovered from the store: (name, term, holder).
+    pub persisted_tags: Vec<(String, u64, Option<NodeId>)>,
+    /// A tag whose holder is unreachable this long moves to a candidate (None: never).
+    pub tag_failover: Option<Millis>,
 }
 
 impl MeshConfig {
@@ -120,6 +130,9 @@ impl MeshConfig {
             history: 256,
             joining: false,
             resume_margin: 10_000,
+            tags: Vec::new(),
+            persisted_tags: Vec::new(),
+            tag_failover: Some(1000),
         }
     }
 }
@@ -158,6 +171,10 @@ pub enum Action {
     },
     /// Something to log.
     Event(Event),
+    /// Write this ownership into the segment the workers read.
+    Publish(Ownership),
+    /// Persist these tag terms: (name, term, holder).
+    PersistTags(Vec<(String, u64, Option<NodeId>)>),
 }
 
 #[derive(Debug, Default)]
@@ -299,12 +316,23 @@ pub struct Mesh {
     now: Millis,
     /// Newest version recovered from the store, until the first sync completes.
     resume_from: Option<u64>,
+    tags: Tags,
+    /// Last ownership handed to the driver.
+    published: Option<Ownership>,
 }
 
 /// Versions are wall-clock milliseconds shifted left by 16 bits (see
 /// `sipmesh_cluster::next_version`): a span of `ms` milliseconds in version units.
 pub fn version_span(ms: u64) -> u64 {
     ms << 16
+}
+
+/// Rendezvous weight of node `n` for partition bucket `b`.
+fn bucket_weight(b: usize, n: NodeId) -> u64 {
+    let mut z = ((b as u64) << 16 | u64::from(n.0)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Rendezvous weight of `(a, b)`: a deterministic 64-bit mix.
@@ -342,6 +370,13 @@ impl Mesh {
                 )
             })
             .collect();
+        let tags = Tags::new(
+            cfg.me.id,
+            &cfg.tags,
+            &cfg.persisted_tags,
+            cfg.tag_failover,
+            now,
+        );
         let mut m = Mesh {
             cfg,
             peers: BTreeMap::new(),
@@ -360,11 +395,14 @@ impl Mesh {
             stats: MeshStats::default(),
             now,
             resume_from: None,
+            tags,
+            published: None,
         };
         for info in members {
             m.learn(info);
         }
         m.drive_sync();
+        m.update_ownership();
         m
     }
 
@@ -513,8 +551,89 @@ impl Mesh {
         }
         self.check_gaps();
         self.drive_sync();
+        self.check_tag_failover();
+        self.update_ownership();
         if self.lsa_dirty || now >= self.lsa_next {
             self.advertise();
+        }
+    }
+
+    fn check_tag_failover(&mut self) {
+        let now = self.now;
+        let me = self.id();
+        let peers = &self.peers;
+        let reachable = |n: NodeId| n == me || peers.get(&n).is_some_and(|p| p.reachable);
+        let candidates = |name: &str| -> Vec<NodeId> {
+            peers
+                .iter()
+                .filter(|(_, p)| p.reachable)
+                .filter(|(_, p)| {
+                    p.lsa.as_ref().is_some_and(|a| {
+                        !a.disabled && a.tags.iter().any(|t| t.name == name && t.candidate)
+                    })
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        if self.disabled {
+            return;
+        }
+        let taken = self.tags.check_failover(now, &reachable, &candidates);
+        for name in taken {
+            self.lsa_dirty = true;
+            self.event(
+                me,
+                "tag-failover",
+                format!("{name}: active here, its holder is unreachable"),
+            );
+        }
+    }
+
+    /// Recomputes what this node acts on and hands it to the driver when it changed:
+    /// the default tag (untagged data) is active on every acting node — not disabled,
+    /// usrloc synced — and its objects are split over the acting nodes that share the
+    /// data by rendezvous hashing of each bucket, so a node joining or leaving moves only
+    /// its share; a named tag is active where its current term names this node.
+    fn update_ownership(&mut self) {
+        let me = self.id();
+        let synced = |caps: &[CapAdvert]| {
+            caps.iter()
+                .any(|c| c.cap == Capability::Usrloc && c.state == SyncState::Synced)
+        };
+        let i_act = !self.disabled && self.sync_state(Capability::Usrloc) == SyncState::Synced;
+        let mut o = Ownership::default();
+        o.set_tag(DEFAULT_TAG_SLOT, i_act, 0);
+        o.set_shared(DEFAULT_TAG_SLOT, true);
+        if i_act {
+            let mut acting: Vec<NodeId> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.reachable && self.shares_data(p))
+                .filter(|(_, p)| {
+                    p.lsa
+                        .as_ref()
+                        .is_some_and(|a| !a.disabled && synced(&a.caps))
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            acting.push(me);
+            for b in 0..BUCKETS {
+                if acting.iter().max_by_key(|n| bucket_weight(b, **n)) == Some(&me) {
+                    o.set_bucket(b, true);
+                }
+            }
+        }
+        for t in self.tags.list() {
+            o.set_tag(t.slot, t.active && !self.disabled, t.term);
+        }
+        if self.published.as_ref() != Some(&o) {
+            self.published = Some(o.clone());
+            self.actions.push(Action::Publish(o));
+        }
+        let changed = self.tags.take_changed();
+        if !changed.is_empty() {
+            self.lsa_dirty = true;
+            self.actions.push(Action::PersistTags(changed));
         }
     }
 
@@ -591,6 +710,7 @@ impl Mesh {
                 })
                 .collect(),
             last_repl_seq: self.out_next_seq - 1,
+            tags: self.tags.claims(),
         }
     }
 
@@ -811,6 +931,9 @@ impl Mesh {
             }
             p.lsa = Some(ad.clone());
         }
+        if self.tags.merge(origin, &ad.tags, now) {
+            self.lsa_dirty = true;
+        }
         if ad.disabled != was_disabled {
             self.event(
                 origin,
@@ -827,6 +950,7 @@ impl Mesh {
             );
         }
         self.recompute_routes();
+        self.update_ownership();
     }
 
     fn apply_removal(&mut self, r: Removal, reason: String) {
@@ -1579,6 +1703,41 @@ impl Mesh {
             ),
         );
         self.advertise();
+    }
+
+    /// Operator request (`sipctl tag activate`): this node becomes active for `name` with
+    /// the next term; the advertisement goes out at once so the previous holder steps
+    /// down within one link-state flood.
+    pub fn activate_tag(&mut self, now: Millis, name: &str) -> Result<u64, String> {
+        self.now = self.now.max(now);
+        if self.disabled {
+            return Err("this node is disabled: enable it first".into());
+        }
+        let term = self.tags.activate(name, self.now, "by an operator")?;
+        let me = self.id();
+        self.event(
+            me,
+            "tag-activated",
+            format!("{name}: active here with term {term}"),
+        );
+        self.update_ownership();
+        self.advertise();
+        Ok(term)
+    }
+
+    /// Every sharing tag this node knows.
+    pub fn tags(&self) -> Vec<TagView> {
+        self.tags.list()
+    }
+
+    /// Tag transitions on this node, oldest first.
+    pub fn tag_history(&self) -> impl Iterator<Item = &TagTransition> {
+        self.tags.history()
+    }
+
+    /// The ownership last handed to the driver.
+    pub fn ownership(&self) -> Option<&Ownership> {
+        self.published.as_ref()
     }
 
     /// Operator request: full sync of `cap` now.

@@ -119,6 +119,8 @@ pub struct LinkStateAd {
     pub removed: Vec<Removal>,
     /// Last replication sequence number it sent (gap detection when traffic stops).
     pub last_repl_seq: u64,
+    /// What it knows of every sharing tag.
+    pub tags: Vec<super::tags::TagClaim>,
 }
 
 /// A batch of change records from one origin, sequence numbers

@@ -392,6 +392,57 @@ impl Store {
         Ok(keys)
     }
 
+    /// Sharing-tag terms: (name, term, holder); a row of another version is refused.
+    pub fn load_tag_terms(&self) -> Result<Vec<(String, u64, Option<u16>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_TAG_TERMS), IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| db_err(&self.dir, "read tag terms", e))?;
+            let name = String::from_utf8(k.to_vec()).map_err(|_| {
+                StoreError(format!(
+                    "data directory {}: a tag name is not UTF-8",
+                    self.dir.display()
+                ))
+            })?;
+            let (term, holder): (u64, u16) = match v.first() {
+                Some(&FORMAT_VERSION) => bincode::decode_from_slice(&v[1..], BINCODE_CONFIG)
+                    .map(|(x, _)| x)
+                    .map_err(|e| {
+                        StoreError(format!(
+                            "data directory {}: tag {name}: {e}",
+                            self.dir.display()
+                        ))
+                    })?,
+                _ => {
+                    return Err(StoreError(format!(
+                        "data directory {}: tag {name} has a format this sipd does not read",
+                        self.dir.display()
+                    )));
+                }
+            };
+            out.push((name, term, (holder != 0).then_some(holder)));
+        }
+        Ok(out)
+    }
+
+    /// Persists sharing-tag terms (synced: a term must never go backwards after a crash).
+    pub fn save_tag_terms(&self, tags: &[(String, u64, Option<u16>)]) -> Result<(), StoreError> {
+        let cf = self.cf(CF_TAG_TERMS);
+        let mut b = WriteBatch::default();
+        for (name, term, holder) in tags {
+            let mut v = vec![FORMAT_VERSION];
+            let _ = bincode::encode_into_std_write(
+                (*term, holder.unwrap_or(0)),
+                &mut v,
+                BINCODE_CONFIG,
+            );
+            b.put_cf(cf, name.as_bytes(), v);
+        }
+        self.write(b, true)
+    }
+
     /// The contacts column family (for write batches).
     pub fn contacts(&self) -> &rocksdb::ColumnFamily {
         self.cf(CF_CONTACTS)
