@@ -16,7 +16,7 @@ use sipmesh_dataplane::registrar::{Registrar, RegistrarStats};
 use sipmesh_dataplane::durable::{DurableShared, Gate};
 
 use crate::config::Config;
-use crate::grpc::{ControlOptions, ControlPlane, ControlStats};
+use crate::grpc::{Attached, ControlOptions, ControlPlane, ControlStats};
 use crate::store::persist::{Durability, PersistConfig, PersistStats, Persister};
 use crate::store::{LoadReport, Store};
 
@@ -198,9 +198,11 @@ impl Node {
                 persisted_tags,
             },
             workers_done.clone(),
-            store.clone(),
-            persister.as_ref(),
-            segment.clone(),
+            Attached {
+                store: store.clone(),
+                persister: persister.as_ref(),
+                segment: segment.clone(),
+            },
         )?;
         let workers = match io::spawn_workers(&config.io, make, shutdown.clone()) {
             Ok(w) => w,

@@ -136,6 +136,16 @@ pub struct ControlOptions {
     pub persisted_tags: Vec<(String, u64, Option<u16>)>,
 }
 
+/// What the control plane works with besides the tables and rings.
+pub struct Attached<'a> {
+    /// The store (`sipctl db`, tag terms).
+    pub store: Option<Arc<Store>>,
+    /// The write-behind.
+    pub persister: Option<&'a Persister>,
+    /// The ownership segment it publishes into.
+    pub segment: Arc<Segment>,
+}
+
 /// The running control plane.
 pub struct ControlPlane {
     thread: Option<JoinHandle<()>>,
@@ -155,10 +165,13 @@ impl ControlPlane {
         rings: Vec<ChangeConsumer>,
         opts: ControlOptions,
         workers_done: Arc<AtomicBool>,
-        store: Option<Arc<Store>>,
-        persister: Option<&Persister>,
-        segment: Arc<Segment>,
+        attached: Attached<'_>,
     ) -> std::io::Result<ControlPlane> {
+        let Attached {
+            store,
+            persister,
+            segment,
+        } = attached;
         let persist = persister.map(Persister::sender);
         let persist_stats = persister.map(|p| p.stats.clone());
         let durability = persister.map_or("", |p| p.durability.name());

@@ -319,6 +319,8 @@ pub struct Mesh {
     tags: Tags,
     /// Last ownership handed to the driver.
     published: Option<Ownership>,
+    /// The acting set the bucket assignment was last computed for, and its result.
+    bucket_cache: Option<(Vec<NodeId>, [u64; BUCKETS / 64])>,
 }
 
 /// Versions are wall-clock milliseconds shifted left by 16 bits (see
@@ -397,6 +399,7 @@ impl Mesh {
             resume_from: None,
             tags,
             published: None,
+            bucket_cache: None,
         };
         for info in members {
             m.learn(info);
@@ -617,10 +620,18 @@ impl Mesh {
                 .map(|(id, _)| *id)
                 .collect();
             acting.push(me);
-            for b in 0..BUCKETS {
-                if acting.iter().max_by_key(|n| bucket_weight(b, **n)) == Some(&me) {
-                    o.set_bucket(b, true);
+            acting.sort();
+            if self.bucket_cache.as_ref().map(|(a, _)| a) != Some(&acting) {
+                let mut mine = Ownership::default();
+                for b in 0..BUCKETS {
+                    if acting.iter().max_by_key(|n| bucket_weight(b, **n)) == Some(&me) {
+                        mine.set_bucket(b, true);
+                    }
                 }
+                self.bucket_cache = Some((acting, mine.buckets));
+            }
+            if let Some((_, bits)) = &self.bucket_cache {
+                o.buckets = *bits;
             }
         }
         for t in self.tags.list() {

@@ -47,6 +47,10 @@ struct Log {
     applied: Vec<Applied>,
     /// `StartSnapshot`: the `since` of each, in order.
     since: Vec<u64>,
+    /// `Publish`: (time, ownership).
+    published: Vec<(Millis, Ownership)>,
+    /// `PersistTags`, in order.
+    persisted_tags: Vec<(String, u64, Option<NodeId>)>,
     /// `StartSnapshot`: (time, donor).
     snapshots: Vec<(Millis, u16)>,
     connects: Vec<u16>,
@@ -275,6 +279,8 @@ impl Net {
                 }
             }
             Action::Connect(i) => log.connects.push(i.id.0),
+            Action::Publish(o) => log.published.push((now, o)),
+            Action::PersistTags(t) => log.persisted_tags.extend(t),
             Action::Disconnect(id) => log.disconnects.push(id.0),
             Action::Apply { cap, batch, skip } => {
                 assert_eq!(cap, USRLOC);
