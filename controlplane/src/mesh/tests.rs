@@ -1448,3 +1448,190 @@ fn a_node_that_recovered_its_store_asks_only_for_what_is_newer_then_for_everythi
     net.run_until(5000, Net::all_synced).expect("synced again");
     assert_eq!(net.log(3).since, vec![v - version_span(10_000), 0]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Sharing tags and ownership
+// ---------------------------------------------------------------------------------------
+
+fn tag(net: &Net, at: u16, name: &str) -> TagView {
+    net.get(at)
+        .tags()
+        .into_iter()
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("node {at} does not know tag {name}"))
+}
+
+fn owns_tag(net: &Net, at: u16, name: &str) -> bool {
+    let slot = tag(net, at, name).slot;
+    net.get(at).ownership().is_some_and(|o| o.tag_active(slot))
+}
+
+fn vip_cluster(n: u16, failover: Option<Millis>) -> Net {
+    synced_cluster(n, |c| {
+        let role = if c.me.id == NodeId(1) {
+            TagRole::Active
+        } else {
+            TagRole::Backup
+        };
+        c.tags = vec![("vip".into(), role)];
+        c.tag_failover = failover;
+    })
+}
+
+#[test]
+fn activation_moves_a_tag_and_the_holder_steps_down() {
+    let mut net = vip_cluster(3, None);
+    for at in 1..=3 {
+        let t = tag(&net, at, "vip");
+        assert_eq!((t.term, t.holder), (1, Some(NodeId(1))), "node {at}");
+    }
+    assert!(owns_tag(&net, 1, "vip") && !owns_tag(&net, 2, "vip"));
+    let now = net.now;
+    assert_eq!(net.node(2).activate_tag(now, "vip"), Ok(2));
+    let t0 = net.now;
+    net.run_until(1000, |n| {
+        (1..=3).all(|at| tag(n, at, "vip").holder == Some(NodeId(2)))
+    })
+    .expect("everyone learns the new term");
+    // One advertisement flood: same step (no heartbeat round needed).
+    assert!(net.now - t0 <= 20, "took {} ms", net.now - t0);
+    assert!(owns_tag(&net, 2, "vip") && !owns_tag(&net, 1, "vip") && !owns_tag(&net, 3, "vip"));
+    let h: Vec<&TagTransition> = net.get(1).tag_history().collect();
+    let last = h.last().unwrap();
+    assert_eq!((last.became, last.term), ("backup", 2));
+    assert_eq!(last.reason, "activated on node 2, term 2");
+    // Persisted where it changed.
+    assert!(
+        net.log(1)
+            .persisted_tags
+            .contains(&("vip".into(), 2, Some(NodeId(2))))
+    );
+    // Activating again where it is active keeps the term; a bad name is refused.
+    let now = net.now;
+    assert_eq!(net.node(2).activate_tag(now, "vip"), Ok(2));
+    assert!(net.node(2).activate_tag(now, "bad name").is_err());
+}
+
+#[test]
+fn a_restarted_node_cannot_take_a_tag_back_with_an_old_term() {
+    let mut net = vip_cluster(3, None);
+    let now = net.now;
+    net.node(2).activate_tag(now, "vip").unwrap();
+    net.node(3).activate_tag(now + 1, "vip").unwrap();
+    net.run_for(200);
+    // Node 3 activated after node 2 heard term 2? Both claimed term 2 or node 3 term 3.
+    let t = tag(&net, 1, "vip");
+    let (term, holder) = (t.term, t.holder);
+    assert!((1..=3).all(|at| tag(&net, at, "vip").holder == holder));
+    // Node 1 restarts, configured active, remembering that it held the tag at term 1.
+    let mut cfg = config(1);
+    cfg.incarnation += 60_000;
+    cfg.tags = vec![("vip".into(), TagRole::Active)];
+    cfg.persisted_tags = vec![("vip".into(), 1, Some(NodeId(1)))];
+    cfg.tag_failover = None;
+    net.add(cfg, vec![info(2), info(3)]);
+    net.run_for(2000);
+    for at in 1..=3 {
+        let t = tag(&net, at, "vip");
+        assert_eq!((t.term, t.holder), (term, holder), "node {at}");
+    }
+    assert!(!owns_tag(&net, 1, "vip"));
+}
+
+#[test]
+fn after_a_partition_heals_the_higher_term_wins_and_equal_terms_go_to_the_lower_id() {
+    // Failover on: the side without the holder elects its own.
+    let mut net = vip_cluster(3, Some(1000));
+    net.isolate(1);
+    let t_cut = net.now;
+    net.run_until(3000, |n| tag(n, 2, "vip").holder == Some(NodeId(2)))
+        .expect("node 2 (lowest reachable candidate) takes over");
+    let took = net.now - t_cut;
+    println!("failover after the holder was cut off: {took} ms");
+    // Detection (about 0.5 s) plus tags.failover_ms (1 s).
+    assert!(took <= 1700, "{took} ms");
+    assert_eq!(tag(&net, 2, "vip").term, 2);
+    // Node 1 alone still believes in term 1.
+    assert!(owns_tag(&net, 1, "vip"));
+    net.rejoin(1);
+    net.run_until(3000, |n| tag(n, 1, "vip").holder == Some(NodeId(2)))
+        .expect("node 1 hears term 2 and steps down");
+    assert!(!owns_tag(&net, 1, "vip") && owns_tag(&net, 2, "vip"));
+    let reason = &net.get(1).tag_history().last().unwrap().reason;
+    assert_eq!(reason, "activated on node 2, term 2");
+
+    // Without failover, an operator activates on both sides of a partition: same term.
+    let mut net = vip_cluster(3, None);
+    net.cut(1, 3);
+    net.cut(2, 3);
+    net.run_for(1000);
+    let now = net.now;
+    net.node(3).activate_tag(now, "vip").unwrap();
+    net.node(2).activate_tag(now, "vip").unwrap();
+    net.run_for(200);
+    assert_eq!(tag(&net, 3, "vip").holder, Some(NodeId(3)));
+    assert_eq!(tag(&net, 1, "vip").holder, Some(NodeId(2)));
+    net.heal(1, 3);
+    net.heal(2, 3);
+    net.run_until(3000, |n| {
+        (1..=3).all(|at| tag(n, at, "vip").holder == Some(NodeId(2)))
+    })
+    .expect("term 2 on both sides: the lower id, node 2, wins");
+    assert!(!owns_tag(&net, 3, "vip") && owns_tag(&net, 2, "vip"));
+}
+
+fn buckets_of(net: &Net, at: u16) -> BTreeSet<usize> {
+    let o = net.get(at).ownership().expect("published");
+    (0..BUCKETS).filter(|b| o.bucket_mine(*b)).collect()
+}
+
+#[test]
+fn buckets_are_split_by_rendezvous_and_only_a_leaving_nodes_share_moves() {
+    let mut net = synced_cluster(3, |_| {});
+    // Until each node has heard the others say "synced", it covers for them.
+    net.run_until(2000, |n| {
+        (1..=3).all(|at| buckets_of(n, at).len() < BUCKETS / 2)
+    })
+    .expect("split");
+    let (b1, b2, b3) = (
+        buckets_of(&net, 1),
+        buckets_of(&net, 2),
+        buckets_of(&net, 3),
+    );
+    assert_eq!(b1.len() + b2.len() + b3.len(), BUCKETS, "every bucket once");
+    assert!(b1.is_disjoint(&b2) && b1.is_disjoint(&b3) && b2.is_disjoint(&b3));
+    for b in [&b1, &b2, &b3] {
+        assert!(
+            (250..=430).contains(&b.len()),
+            "about a third each: {}",
+            b.len()
+        );
+    }
+    // Every node acts on the default tag (untagged data), split by bucket.
+    for at in 1..=3 {
+        let o = net.get(at).ownership().unwrap();
+        assert!(o.acts_on(DEFAULT_TAG_SLOT, *buckets_of(&net, at).first().unwrap()));
+    }
+    // Node 3 leaves: its buckets go to 1 and 2, which keep all of theirs.
+    net.isolate(3);
+    net.run_until(2000, |n| {
+        buckets_of(n, 1).len() + buckets_of(n, 2).len() == BUCKETS
+    })
+    .expect("redistributed");
+    let (c1, c2) = (buckets_of(&net, 1), buckets_of(&net, 2));
+    assert!(b1.is_subset(&c1) && b2.is_subset(&c2));
+    assert_eq!(c1.union(&c2).count(), BUCKETS);
+    assert!(c1.is_disjoint(&c2));
+    // It comes back: exactly its old share returns to it.
+    net.rejoin(3);
+    net.run_until(3000, |n| buckets_of(n, 3) == b3 && buckets_of(n, 1) == b1)
+        .expect("the same share comes back");
+    // A disabled node acts on nothing; the others cover for it.
+    let now = net.now;
+    net.node(3).set_enabled(now, false);
+    net.run_until(2000, |n| {
+        buckets_of(n, 1).len() + buckets_of(n, 2).len() == BUCKETS
+    })
+    .expect("covered");
+    assert!(!net.get(3).ownership().unwrap().tag_active(DEFAULT_TAG_SLOT));
+}
