@@ -596,7 +596,8 @@ impl Mesh {
     /// the default tag (untagged data) is active on every acting node — not disabled,
     /// usrloc synced — and its objects are split over the acting nodes that share the
     /// data by rendezvous hashing of each bucket, so a node joining or leaving moves only
-    /// its share; a named tag is active where its current term names this node.
+    /// its share; a named tag is active where its current term names this node, once
+    /// that node is synced.
     fn update_ownership(&mut self) {
         let me = self.id();
         let synced = |caps: &[CapAdvert]| {
@@ -634,8 +635,10 @@ impl Mesh {
                 o.buckets = *bits;
             }
         }
+        // A named tag acts only once this node is synced: a node that (re)starts claiming
+        // a tag has by then heard the cluster's claims, so an old term never acts.
         for t in self.tags.list() {
-            o.set_tag(t.slot, t.active && !self.disabled, t.term);
+            o.set_tag(t.slot, t.active && i_act, t.term);
         }
         if self.published.as_ref() != Some(&o) {
             self.published = Some(o.clone());
