@@ -96,6 +96,8 @@ pub struct Sipd {
     wrapper: Vec<String>,
     /// The data directory the harness chose (removed on drop).
     own_data: Option<PathBuf>,
+    /// The ownership segment file the harness chose (removed on drop).
+    own_segment: PathBuf,
     stdout_lines: Arc<Mutex<Vec<String>>>,
     stdout_rx: Receiver<String>,
     pub stderr: Arc<Mutex<String>>,
@@ -149,8 +151,9 @@ impl Sipd {
             cmd.arg("--grpc").arg(grpc.to_string());
         }
         // An ownership segment of its own, in the test's directory.
+        let own_segment = dir.join("ownership");
         if !extra_args.contains(&"--segment") {
-            cmd.arg("--segment").arg(dir.join("ownership"));
+            cmd.arg("--segment").arg(&own_segment);
         }
         // A store of its own, removed with the process, unless the test names one.
         let own_data = if extra_args.contains(&"--data-dir") || extra_args.contains(&"--no-store") {
@@ -208,6 +211,7 @@ impl Sipd {
             grpc,
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             own_data,
+            own_segment,
             stdout_lines,
             stdout_rx,
             stderr,
@@ -330,6 +334,7 @@ impl Drop for Sipd {
         if let Some(d) = &self.own_data {
             let _ = std::fs::remove_dir_all(d);
         }
+        let _ = std::fs::remove_file(&self.own_segment);
     }
 }
 

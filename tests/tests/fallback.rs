@@ -46,9 +46,14 @@ fn io_uring_backend_refuses_to_start_without_it() {
         .args([
             "--listen",
             &format!("{}:5091", own_ip()),
+            "--grpc",
+            &format!("{}:45091", own_ip()),
             "--backend",
             "io_uring",
+            "--no-store",
+            "--segment",
         ])
+        .arg(std::env::temp_dir().join(format!("sipmesh-fallback-{}.own", std::process::id())))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
