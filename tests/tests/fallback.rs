@@ -40,6 +40,7 @@ fn auto_falls_back_to_epoll_and_says_why() {
 #[test]
 fn io_uring_backend_refuses_to_start_without_it() {
     let w = wrapper();
+    let seg = std::env::temp_dir().join(format!("sipmesh-fallback-{}.own", std::process::id()));
     let out = std::process::Command::new("python3")
         .arg(&w)
         .arg(sipd_bin())
@@ -53,9 +54,10 @@ fn io_uring_backend_refuses_to_start_without_it() {
             "--no-store",
             "--segment",
         ])
-        .arg(std::env::temp_dir().join(format!("sipmesh-fallback-{}.own", std::process::id())))
+        .arg(&seg)
         .output()
         .unwrap();
+    let _ = std::fs::remove_file(&seg);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("io_uring"), "{err}");
