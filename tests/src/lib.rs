@@ -97,7 +97,7 @@ pub struct Sipd {
     /// The data directory the harness chose (removed on drop).
     own_data: Option<PathBuf>,
     /// The ownership segment file the harness chose (removed on drop).
-    own_segment: PathBuf,
+    pub own_segment: PathBuf,
     stdout_lines: Arc<Mutex<Vec<String>>>,
     stdout_rx: Receiver<String>,
     pub stderr: Arc<Mutex<String>>,

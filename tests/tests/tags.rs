@@ -100,6 +100,19 @@ fn a_tag_moves_on_activation_and_on_failure_and_its_term_survives_a_restart() {
         t0.elapsed().as_millis()
     );
     assert_eq!(vip(&n1)["term"], 3);
+    // The segment file says the same, read without the server.
+    let out = std::process::Command::new(sipmesh_tests::sipctl_bin())
+        .args(["--json", "ownership", "--segment"])
+        .arg(&n1.own_segment)
+        .output()
+        .unwrap();
+    let seg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slot = vip(&n1)["slot"].clone();
+    assert!(
+        seg["active_tag_slots"].as_array().unwrap().contains(&slot),
+        "{seg}"
+    );
+    assert_eq!(seg["node_id"], 1);
     let last = json(&n1, &["tag", "history"])
         .as_array()
         .unwrap()

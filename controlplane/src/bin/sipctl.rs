@@ -29,8 +29,10 @@ COMMANDS:
     tag history            this node's tag transitions, with reasons
     tag activate NAME      make this node active for NAME (the next term; the
                            node that held it steps down)
-    ownership              what the ownership segment says: active tag slots,
-                           partition buckets acted on here
+    ownership [--segment FILE]
+                           what the ownership segment says: active tag slots,
+                           partition buckets acted on here (from the node, or
+                           straight from a segment file, without a server)
     db stats               the store: rows and bytes per column family, writes
     db compact             flush and compact every column family
     db checkpoint DIR      a consistent copy of the store in DIR (on the node's
@@ -202,6 +204,13 @@ fn main() {
         print!("{HELP}");
         std::process::exit(2);
     }
+    // Reading a segment file needs no server (a node that is down, or another process).
+    if let ["ownership", "--segment", path] =
+        rest.iter().map(String::as_str).collect::<Vec<_>>()[..]
+    {
+        dump_segment(std::path::Path::new(path), json);
+        return;
+    }
     let url = if server.starts_with("http://") {
         server.clone()
     } else {
@@ -224,6 +233,59 @@ fn main() {
             fail(format!("{}: {}", server, st.message()));
         }
     });
+}
+
+fn dump_segment(path: &std::path::Path, json: bool) {
+    use sipmesh_cluster::ownership::{BUCKETS, Segment, TAG_SLOTS};
+    let seg = Segment::open(path).unwrap_or_else(|e| fail(e));
+    let (o, generation) = seg.snapshot();
+    let slots = |bits: &[u64]| -> Vec<u64> {
+        (0..TAG_SLOTS)
+            .filter(|i| bits[i / 64] >> (i % 64) & 1 == 1)
+            .map(|i| i as u64)
+            .collect()
+    };
+    let (active, shared) = (slots(&o.tags), slots(&o.shared));
+    if json {
+        let mut out = String::new();
+        Json::Obj(vec![
+            ("segment", s(path.display().to_string())),
+            ("node_id", Json::Num(u64::from(seg.node_id()))),
+            ("generation", Json::Num(generation)),
+            (
+                "active_tag_slots",
+                Json::Arr(active.iter().map(|x| Json::Num(*x)).collect()),
+            ),
+            (
+                "shared_tag_slots",
+                Json::Arr(shared.iter().map(|x| Json::Num(*x)).collect()),
+            ),
+            (
+                "terms",
+                Json::Arr(
+                    active
+                        .iter()
+                        .map(|x| Json::Num(o.terms[*x as usize]))
+                        .collect(),
+                ),
+            ),
+            ("buckets", Json::Num(BUCKETS as u64)),
+            ("buckets_mine", Json::Num(o.bucket_count() as u64)),
+        ])
+        .write(&mut out);
+        say!("{out}");
+    } else {
+        say!(
+            "segment {} of node {} generation {generation}",
+            path.display(),
+            seg.node_id()
+        );
+        say!("active tag slots: {active:?} (shared, split by bucket: {shared:?})");
+        say!(
+            "partition buckets acted on here: {} of {BUCKETS}",
+            o.bucket_count()
+        );
+    }
 }
 
 async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<(), tonic::Status> {
