@@ -72,6 +72,10 @@ fn a_tag_moves_on_activation_and_on_failure_and_its_term_survives_a_restart() {
         vip(&n2)
     );
     assert!(!owns_vip_slot(&n2));
+    // A named tag acts only on a synced node: let node 2 finish its sync first.
+    assert!(wait_for(Duration::from_secs(10), || {
+        json(&n2, &["sync", "status"])[0]["state"] == "synced"
+    }));
 
     // The operator moves it to node 2.
     let out = n2.sipctl(&["tag", "activate", "vip"]).unwrap();
@@ -83,7 +87,7 @@ fn a_tag_moves_on_activation_and_on_failure_and_its_term_survives_a_restart() {
         "node 1 stepped down {} ms after the activation",
         t0.elapsed().as_millis()
     );
-    assert!(owns_vip_slot(&n2));
+    assert!(wait_for(Duration::from_secs(5), || owns_vip_slot(&n2)));
     let hist = json(&n1, &["tag", "history"]);
     let last = hist.as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["became"], "backup");
