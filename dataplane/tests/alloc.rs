@@ -7,6 +7,7 @@ mod common;
 use std::alloc::System;
 
 use common::*;
+use sipmesh_dataplane::durable::{DurableShared, Gate};
 use sipmesh_dataplane::io::Handler;
 use sipmesh_dataplane::registrar::RegistrarConfig;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -76,4 +77,51 @@ fn hot_path_allocations() {
     );
     assert!(per <= 2.2, "refresh: {per} allocations per REGISTER");
     eprintln!("allocations per REGISTER refresh: {per:.2}");
+
+    // Sync durability: the same refreshes with every 200 parked until its records are
+    // durable, then released by the doorbell path. Parking and releasing allocate
+    // nothing (the arena and the queue are sized at start): the same count as above.
+    let gate = |h: &mut Harness| {
+        let shared = DurableShared::new().unwrap();
+        let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
+        h.core = core.with_durability_gate(Gate::new(shared.clone(), 1 << 22, 4096, 0));
+        shared
+    };
+    // Warm-up of the parking path.
+    let shared = gate(&mut h);
+    allocations_for(
+        &mut h,
+        &[register(
+            "alice",
+            "c1",
+            5000,
+            &["Contact: <sip:alice@192.0.2.10:5062>"],
+        )
+        .into_bytes()],
+    );
+    shared.publish(u64::MAX / 2);
+    let now = h.now;
+    h.core.on_wake(now, &mut h.out);
+    h.drain();
+    // Measured: a fresh gate (nothing durable yet), n REGISTERs parked, then all released.
+    let shared = gate(&mut h);
+    let refreshes: Vec<Vec<u8>> = (5001..5001 + n as u32)
+        .map(|i| register("alice", "c1", i, &["Contact: <sip:alice@192.0.2.10:5062>"]).into_bytes())
+        .collect();
+    let src = udp_source("192.0.2.10:5062");
+    h.out.sent.clear();
+    let region = Region::new(GLOBAL);
+    for m in &refreshes {
+        h.core.on_message(m, &src, h.now, &mut h.out);
+    }
+    let parked = h.core.parked_replies();
+    shared.publish(u64::MAX / 2);
+    h.core.on_wake(now, &mut h.out);
+    let a = region.change().allocations;
+    assert_eq!(parked, n, "every 200 waited");
+    assert_eq!(h.out.sent.len(), n, "and every one left");
+    assert_eq!(h.core.parked_replies(), 0);
+    let per_gated = a as f64 / n as f64;
+    eprintln!("allocations per REGISTER refresh with sync durability: {per_gated:.2}");
+    assert!(per_gated <= per + 0.05, "gated {per_gated} vs {per}");
 }
