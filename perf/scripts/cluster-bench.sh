@@ -56,7 +56,7 @@ trap cleanup EXIT
 start_node() { # id ip [join]
     local id=$1 ip=$2; shift 2
     "$SIPD" --node-id "$id" --sip "$ip:5060" --grpc "$ip:50051" --workers "$WORKERS" --no-pin \
-        --data-dir "$OUT/data$id" "$@" \
+        --data-dir "$OUT/data$id" --segment "$OUT/segment$id" "$@" \
         > "$OUT/node$id.out" 2> "$OUT/node$id.err" &
     PIDS+=($!)
     for _ in $(seq 100); do grep -q " listening " "$OUT/node$id.err" 2>/dev/null && return; sleep 0.1; done

@@ -131,7 +131,7 @@ trap cleanup EXIT
 
 if [ "$SERVER" = sipd ]; then
     args=(--listen "$SRV_IP:$SRV_PORT" --workers "$WORKERS" --backend "$BACKEND"
-          --grpc "$SRV_IP:50051")
+          --grpc "$SRV_IP:50051" --segment "$RUN/segment")
     case "$STORE" in
         none) args+=(--no-store) ;;
         async|sync) args+=(--data-dir "$RUN/data" --durability "$STORE") ;;

@@ -40,7 +40,7 @@ trap cleanup EXIT
 start_node() { # log
     local t0; t0=$(date +%s.%N)
     "$SIPD" --sip 127.0.0.71:5060 --grpc 127.0.0.71:50051 --workers "$WORKERS" --no-pin \
-        --data-dir "$OUT/data" > /dev/null 2> "$OUT/$1" &
+        --data-dir "$OUT/data" --segment "$OUT/segment" > /dev/null 2> "$OUT/$1" &
     PID=$!
     for _ in $(seq 1200); do grep -q " listening " "$OUT/$1" 2>/dev/null && break; sleep 0.05; done
     local t1; t1=$(date +%s.%N)
