@@ -90,6 +90,8 @@ struct ClusterSection {
     gap_timeout_ms: u64,
     sync_timeout_ms: u64,
     resume_margin_ms: u64,
+    expiry_sweep_s: u64,
+    expiry_grace_s: u32,
     replay_buffer_bytes: usize,
 }
 
@@ -192,6 +194,8 @@ pub struct ClusterConfig {
     pub gap_timeout_ms: u64,
     pub sync_timeout_ms: u64,
     pub resume_margin_ms: u64,
+    pub expiry_sweep_s: u64,
+    pub expiry_grace_s: u32,
     pub replay_buffer_bytes: usize,
     /// Sharing tags configured here.
     pub tags: Vec<(String, TagRole)>,
@@ -427,6 +431,13 @@ impl Config {
                 0,
                 86_400_000,
             ),
+            ("cluster.expiry_sweep_s", c.expiry_sweep_s, 1, 86_400),
+            (
+                "cluster.expiry_grace_s",
+                u64::from(c.expiry_grace_s),
+                0,
+                86_400,
+            ),
         ] {
             if !(lo..=hi).contains(&v) {
                 return Err(err(field, format!("{v} is outside {lo}..={hi}")));
@@ -471,6 +482,8 @@ impl Config {
             gap_timeout_ms: c.gap_timeout_ms,
             sync_timeout_ms: c.sync_timeout_ms,
             resume_margin_ms: c.resume_margin_ms,
+            expiry_sweep_s: c.expiry_sweep_s,
+            expiry_grace_s: c.expiry_grace_s,
             replay_buffer_bytes: c.replay_buffer_bytes,
         };
         let st = &f.store;

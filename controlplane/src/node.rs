@@ -138,6 +138,10 @@ impl Node {
             producers.push(Some(p));
             consumers.push(c);
         }
+        // The control plane's own changes (the expiry sweep) go through a ring like the
+        // workers', drained with theirs.
+        let (control_ring, control_consumer) = change_ring(config.change_ring_bytes);
+        consumers.push(control_consumer);
         let producers: Arc<Mutex<Vec<Option<ChangeProducer>>>> = Arc::new(Mutex::new(producers));
         let core_stats: Vec<Arc<CoreStats>> = (0..n).map(|_| Arc::default()).collect();
         let registrar_stats: Vec<Arc<RegistrarStats>> = (0..n).map(|_| Arc::default()).collect();
@@ -202,6 +206,7 @@ impl Node {
                 store: store.clone(),
                 persister: persister.as_ref(),
                 segment: segment.clone(),
+                control_ring,
             },
         )?;
         let workers = match io::spawn_workers(&config.io, make, shutdown.clone()) {

@@ -234,3 +234,41 @@ fn three_nodes_replicate_detect_a_failure_and_sync_a_fourth() {
     assert_eq!(state(3).as_deref(), Some("up"), "{list}");
     assert_eq!(state(2).as_deref(), Some("down"), "{list}");
 }
+
+#[test]
+fn bindings_of_a_dead_origin_are_expired_by_the_node_that_owns_them() {
+    let config = format!("{TEST_CONFIG}\n[cluster]\nexpiry_sweep_s = 1\nexpiry_grace_s = 1\n");
+    let mut n1 = Sipd::start(&config, &["--node-id", "1"]);
+    let j1 = n1.grpc.to_string();
+    let n2 = Sipd::start(&config, &["--node-id", "2", "--join", &j1]);
+    let ok = wait_for(Duration::from_secs(15), || {
+        (up_and_synced(&n2) == [1, 2] && up_and_synced(&n1) == [1, 2]).then_some(())
+    });
+    assert!(ok.is_some(), "{}", json(&n2, &["node", "list"]));
+    let c = UdpClient::new(n1.addr);
+    let contact = format!("Contact: <sip:gone@{}>", c.local());
+    let r = c.request(&register(
+        c.local(),
+        "UDP",
+        "gone",
+        "gone-1",
+        1,
+        &[&contact, "Expires: 2"],
+    ));
+    assert_eq!(status(&r), 200, "{r}");
+    let seen = wait_for(Duration::from_secs(5), || {
+        (usrloc_sync(&n2)["count"] == 1).then_some(())
+    });
+    assert!(seen.is_some());
+    // The origin dies before it can expire its binding: node 2, which now acts on every
+    // bucket, removes it after expiry + grace and records the removal itself.
+    n1.kill9();
+    let line = n2
+        .wait_change(
+            &["op=remove", "gone@example.com", "Expired"],
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|| panic!("not expired on node 2: {}", n2.stderr.lock().unwrap()));
+    assert!(line.contains("origin=2"), "{line}");
+    assert_eq!(usrloc_sync(&n2)["count"], 0);
+}

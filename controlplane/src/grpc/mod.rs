@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sipmesh_cluster::change::{ChangeRecord, ChangeRef};
-use sipmesh_cluster::ring::ChangeConsumer;
+use sipmesh_cluster::ring::{ChangeConsumer, ChangeProducer};
 use sipmesh_cluster::usrloc::{Applied, Usrloc};
 use sipmesh_cluster::{Digest, NodeId};
 use tokio::sync::{mpsc, oneshot};
@@ -94,6 +94,10 @@ pub(crate) struct Shared {
     pub durability: &'static str,
     /// The ownership segment the workers read.
     pub segment: Arc<Segment>,
+    /// The control plane's change ring (expiry sweep).
+    pub control_ring: Arc<std::sync::Mutex<ChangeProducer>>,
+    /// Sweep period and grace (seconds past expiry).
+    pub sweep: (Duration, u32),
 }
 
 impl Shared {
@@ -144,6 +148,8 @@ pub struct Attached<'a> {
     pub persister: Option<&'a Persister>,
     /// The ownership segment it publishes into.
     pub segment: Arc<Segment>,
+    /// Its own change ring (drained with the workers').
+    pub control_ring: ChangeProducer,
 }
 
 /// The running control plane.
@@ -171,7 +177,13 @@ impl ControlPlane {
             store,
             persister,
             segment,
+            control_ring,
         } = attached;
+        let control_ring = Arc::new(std::sync::Mutex::new(control_ring));
+        let sweep = (
+            Duration::from_secs(config.cluster.expiry_sweep_s),
+            config.cluster.expiry_grace_s,
+        );
         let persist = persister.map(Persister::sender);
         let persist_stats = persister.map(|p| p.stats.clone());
         let durability = persister.map_or("", |p| p.durability.name());
@@ -253,6 +265,8 @@ impl ControlPlane {
                     persist_stats,
                     durability,
                     segment,
+                    control_ring,
+                    sweep,
                 };
                 runtime.block_on(run(
                     mc,
@@ -391,6 +405,10 @@ async fn mesh_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain = tokio::time::interval(Duration::from_millis(2));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(shared.sweep.0);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep.tick().await;
+    let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
     let mut scratch = Vec::with_capacity(4096);
     let mut buf = BytesMut::with_capacity(MAX_BATCH_BYTES + 4096);
     let clock = shared.clock;
@@ -405,6 +423,11 @@ async fn mesh_loop(
                 None => break,
             },
             _ = tick.tick() => mesh.tick(clock.now()),
+            _ = sweep.tick() => {
+                if sweeping.as_ref().is_none_or(|h| h.is_finished()) {
+                    sweeping = Some(spawn_sweep(&shared, mesh.me().id));
+                }
+            }
             _ = drain.tick() => {
                 let stopping = workers_done.load(Ordering::SeqCst);
                 drain_rings(&mut mesh, &mut rings, &mut scratch, &mut buf, &opts, &shared);
@@ -540,6 +563,38 @@ fn dispatch(
             }
         }
     }
+}
+
+/// The owner-gated expiry sweep, on a blocking thread (it walks the table).
+fn spawn_sweep(shared: &Shared, me: NodeId) -> tokio::task::JoinHandle<()> {
+    use crate::mesh::tags::DEFAULT_TAG_SLOT;
+    use sipmesh_cluster::ownership::bucket_of;
+    let (usrloc, segment, ring) = (
+        shared.usrloc.clone(),
+        shared.segment.clone(),
+        shared.control_ring.clone(),
+    );
+    let grace = shared.sweep.1;
+    tokio::task::spawn_blocking(move || {
+        let Ok(mut ring) = ring.lock() else { return };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let r = sipmesh_cluster::sweep::sweep_expired(
+            &usrloc,
+            now_ms,
+            grace,
+            me,
+            |aor| segment.acts_on(DEFAULT_TAG_SLOT, bucket_of(aor)).0,
+            &mut ring,
+        );
+        if r.removed > 0 || r.deferred > 0 {
+            eprintln!(
+                "sipd: expiry sweep: {} bindings past their expiry removed ({} deferred, {} left to their owner)",
+                r.removed, r.deferred, r.not_owner
+            );
+        }
+    })
 }
 
 fn wall_us() -> u64 {

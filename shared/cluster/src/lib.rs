@@ -23,6 +23,7 @@ pub mod change;
 pub mod digest;
 pub mod ownership;
 pub mod ring;
+pub mod sweep;
 pub mod usrloc;
 pub mod wheel;
 
