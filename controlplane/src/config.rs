@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 use crate::mesh::ClusterMode;
-use crate::mesh::tags::TagRole;
+use crate::mesh::tags::{TagRole, check_tag_name};
 use crate::store::persist::Durability;
 use sipmesh_dataplane::io::{Backend, IoConfig};
 use sipmesh_dataplane::registrar::{MaxContactsPolicy, RegistrarConfig};
@@ -211,16 +211,7 @@ pub fn parse_tag(s: &str) -> Result<(String, TagRole), String> {
         return Err(format!("`{s}` is not NAME=active|backup"));
     };
     let name = name.split('/').next().unwrap_or(name);
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(format!(
-            "`{name}` is not a tag name (1..64 of A-Z a-z 0-9 - _ .)"
-        ));
-    }
+    check_tag_name(name)?;
     let role = match role {
         "active" => TagRole::Active,
         "backup" => TagRole::Backup,

@@ -68,8 +68,6 @@ pub struct Gate {
     max_msg: usize,
     /// Records that may be unstored when a reply leaves (0: `sync`).
     slack: u64,
-    /// Replies parked since start.
-    pub parked_total: u64,
 }
 
 impl Gate {
@@ -85,7 +83,6 @@ impl Gate {
             parked: VecDeque::with_capacity(size / 256 + 1),
             max_msg,
             slack,
-            parked_total: 0,
         }
     }
 
@@ -188,7 +185,6 @@ impl Outbox for ParkOut<'_> {
             start,
             len: n,
         });
-        g.parked_total += 1;
     }
 
     fn close(&mut self, _conn: ConnId) {

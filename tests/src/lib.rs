@@ -263,6 +263,25 @@ impl Sipd {
         }
     }
 
+    /// `sipctl --json ARGS` for this node, parsed (panics when it fails).
+    pub fn sipctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self
+            .sipctl(&a)
+            .unwrap_or_else(|e| panic!("sipctl {args:?}: {e}"));
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("sipctl {args:?} printed {out:?}: {e}"))
+    }
+
+    /// The `usrloc` row of `sipctl sync status`: state, donor, count, digest, repairs.
+    pub fn usrloc_status(&self) -> serde_json::Value {
+        self.sipctl_json(&["sync", "status"])
+            .as_array()
+            .and_then(|caps| caps.iter().find(|c| c["name"] == "usrloc").cloned())
+            .expect("a usrloc capability")
+    }
+
     /// Kills the process with SIGKILL (only this harness's own child, by PID) and reaps it.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -393,6 +412,35 @@ impl UdpClient {
     pub fn request(&self, msg: &str) -> String {
         self.send(msg.as_bytes());
         self.recv().unwrap_or_else(|| panic!("no reply to:\n{msg}"))
+    }
+
+    /// REGISTERs `user@example.com` with one Contact at this client's address for
+    /// `expires` seconds; returns the reply.
+    pub fn register_contact(&self, user: &str, call_id: &str, cseq: u32, expires: u32) -> String {
+        let contact = format!("Contact: <sip:{user}@{}>", self.local());
+        let expires = format!("Expires: {expires}");
+        self.request(&register(
+            self.local(),
+            "UDP",
+            user,
+            call_id,
+            cseq,
+            &[&contact, &expires],
+        ))
+    }
+}
+
+/// Polls `f` every 10 ms until it returns `Some`, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

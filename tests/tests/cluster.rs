@@ -4,17 +4,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
-use sipmesh_tests::{Sipd, TEST_CONFIG, UdpClient, header_values, register, status};
-
-fn json(node: &Sipd, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    let out = node
-        .sipctl(&a)
-        .unwrap_or_else(|e| panic!("sipctl {args:?}: {e}"));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("sipctl {args:?} printed {out:?}: {e}"))
-}
+use sipmesh_tests::{Sipd, TEST_CONFIG, UdpClient, header_values, register, status, wait_for};
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -23,23 +13,9 @@ fn wall_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Polls `f` every 10 ms until it returns Some, for at most `limit`.
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Every node `node` lists as up, with usrloc synced, by id.
 fn up_and_synced(node: &Sipd) -> Vec<u64> {
-    let v = json(node, &["node", "list"]);
+    let v = node.sipctl_json(&["node", "list"]);
     let mut ids: Vec<u64> = v
         .as_array()
         .unwrap()
@@ -56,16 +32,6 @@ fn up_and_synced(node: &Sipd) -> Vec<u64> {
         .collect();
     ids.sort();
     ids
-}
-
-fn usrloc_sync(node: &Sipd) -> Value {
-    json(node, &["sync", "status"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "usrloc")
-        .cloned()
-        .unwrap()
 }
 
 fn contacts_via_sip(client: &UdpClient, user: &str, n: u32) -> Vec<String> {
@@ -94,7 +60,7 @@ fn three_nodes_replicate_detect_a_failure_and_sync_a_fourth() {
             all.is_some(),
             "node at {} sees {:?}\n{}",
             n.grpc,
-            json(n, &["node", "list"]),
+            n.sipctl_json(&["node", "list"]),
             n.stderr.lock().unwrap()
         );
     }
@@ -104,15 +70,7 @@ fn three_nodes_replicate_detect_a_failure_and_sync_a_fourth() {
         let c = UdpClient::new(node.addr);
         for u in 0..100 {
             let user = format!("pre{i}-{u}");
-            let contact = format!("Contact: <sip:{user}@{}>", c.local());
-            let r = c.request(&register(
-                c.local(),
-                "UDP",
-                &user,
-                &format!("pre-{i}-{u}"),
-                1,
-                &[&contact, "Expires: 600"],
-            ));
+            let r = c.register_contact(&user, &format!("pre-{i}-{u}"), 1, 600);
             assert_eq!(status(&r), 200, "{r}");
         }
     }
@@ -120,15 +78,7 @@ fn three_nodes_replicate_detect_a_failure_and_sync_a_fourth() {
     // A REGISTER on node 1 is visible on node 3 (asked over SIP, as a UA would).
     let c1 = UdpClient::new(n1.addr);
     let c3 = UdpClient::new(n3.addr);
-    let contact = format!("Contact: <sip:alice@{}>", c1.local());
-    let r = c1.request(&register(
-        c1.local(),
-        "UDP",
-        "alice",
-        "alice-1",
-        1,
-        &[&contact, "Expires: 600"],
-    ));
+    let r = c1.register_contact("alice", "alice-1", 1, 600);
     assert_eq!(status(&r), 200, "{r}");
     let t0 = Instant::now();
     let mut fetches = 0;
@@ -146,15 +96,15 @@ fn three_nodes_replicate_detect_a_failure_and_sync_a_fourth() {
     );
     // The same object is on every node: equal counts and digests.
     let d1 = wait_for(Duration::from_secs(5), || {
-        let (a, b, c) = (usrloc_sync(&n1), usrloc_sync(&n2), usrloc_sync(&n3));
+        let (a, b, c) = (n1.usrloc_status(), n2.usrloc_status(), n3.usrloc_status());
         (a["count"] == 301 && a["digest"] == b["digest"] && a["digest"] == c["digest"]).then_some(a)
     });
     assert!(
         d1.is_some(),
         "{} / {} / {}",
-        usrloc_sync(&n1),
-        usrloc_sync(&n2),
-        usrloc_sync(&n3)
+        n1.usrloc_status(),
+        n2.usrloc_status(),
+        n3.usrloc_status()
     );
 
     // Node 2 is killed: the others report it down, with a reason.
@@ -162,7 +112,7 @@ fn three_nodes_replicate_detect_a_failure_and_sync_a_fourth() {
     n2.kill9();
     for n in [&n1, &n3] {
         let ev = wait_for(Duration::from_secs(10), || {
-            json(n, &["events"])
+            n.sipctl_json(&["events"])
                 .as_array()
                 .unwrap()
                 .iter()
@@ -197,13 +147,13 @@ fn three_nodes_replicate_detect_a_failure_and_sync_a_fourth() {
         &["--node-id", "4", "--join", &n3.grpc.to_string()],
     );
     let st = wait_for(Duration::from_secs(15), || {
-        let s = usrloc_sync(&n4);
+        let s = n4.usrloc_status();
         (s["state"] == "synced").then_some(s)
     })
     .unwrap_or_else(|| {
         panic!(
             "node 4 never synced: {}\n{}",
-            usrloc_sync(&n4),
+            n4.usrloc_status(),
             n4.stderr.lock().unwrap()
         )
     });
@@ -211,7 +161,7 @@ fn three_nodes_replicate_detect_a_failure_and_sync_a_fourth() {
     assert!(donor == 1 || donor == 3, "{st}");
     assert_eq!(st["syncs_completed"], 1, "{st}");
     let donor_node = if donor == 1 { &n1 } else { &n3 };
-    let ds = usrloc_sync(donor_node);
+    let ds = donor_node.usrloc_status();
     assert_eq!(st["count"], 301, "{st}");
     assert_eq!(st["digest"], ds["digest"], "node 4 {st} / donor {ds}");
     // And node 4 answers for alice over SIP.
@@ -222,7 +172,7 @@ fn three_nodes_replicate_detect_a_failure_and_sync_a_fourth() {
             .any(|v| v.contains("sip:alice@"))
     );
     // Its view of the cluster: 1, 3, 4 up; 2 down.
-    let list = json(&n4, &["node", "list"]);
+    let list = n4.sipctl_json(&["node", "list"]);
     let state = |id: u64| {
         list.as_array()
             .unwrap()
@@ -244,20 +194,12 @@ fn bindings_of_a_dead_origin_are_expired_by_the_node_that_owns_them() {
     let ok = wait_for(Duration::from_secs(15), || {
         (up_and_synced(&n2) == [1, 2] && up_and_synced(&n1) == [1, 2]).then_some(())
     });
-    assert!(ok.is_some(), "{}", json(&n2, &["node", "list"]));
+    assert!(ok.is_some(), "{}", n2.sipctl_json(&["node", "list"]));
     let c = UdpClient::new(n1.addr);
-    let contact = format!("Contact: <sip:gone@{}>", c.local());
-    let r = c.request(&register(
-        c.local(),
-        "UDP",
-        "gone",
-        "gone-1",
-        1,
-        &[&contact, "Expires: 2"],
-    ));
+    let r = c.register_contact("gone", "gone-1", 1, 2);
     assert_eq!(status(&r), 200, "{r}");
     let seen = wait_for(Duration::from_secs(5), || {
-        (usrloc_sync(&n2)["count"] == 1).then_some(())
+        (n2.usrloc_status()["count"] == 1).then_some(())
     });
     assert!(seen.is_some());
     // The origin dies before it can expire its binding: node 2, which now acts on every
@@ -270,5 +212,5 @@ fn bindings_of_a_dead_origin_are_expired_by_the_node_that_owns_them() {
         )
         .unwrap_or_else(|| panic!("not expired on node 2: {}", n2.stderr.lock().unwrap()));
     assert!(line.contains("origin=2"), "{line}");
-    assert_eq!(usrloc_sync(&n2)["count"], 0);
+    assert_eq!(n2.usrloc_status()["count"], 0);
 }

@@ -5,10 +5,10 @@
 //! Needs root (network namespaces) and `ip` (iproute2; `tests/run.sh` installs it).
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use sipmesh_tests::{Sipd, TEST_CONFIG, repo_root};
+use sipmesh_tests::{Sipd, TEST_CONFIG, repo_root, wait_for};
 
 /// The namespaces and links of one test run; removed on drop (also after a failure).
 struct Net {
@@ -168,40 +168,14 @@ impl Drop for Net {
     }
 }
 
-fn json(node: &Sipd, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    let out = node
-        .sipctl(&a)
-        .unwrap_or_else(|e| panic!("sipctl {args:?}: {e}"));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("sipctl {args:?} printed {out:?}: {e}"))
-}
-
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn node_view(node: &Sipd, id: u64) -> Value {
-    json(node, &["node", "list"])
+    node.sipctl_json(&["node", "list"])
         .as_array()
         .unwrap()
         .iter()
         .find(|n| n["node_id"] == id)
         .cloned()
         .unwrap_or(Value::Null)
-}
-
-fn usrloc(node: &Sipd) -> Value {
-    json(node, &["sync", "status"])[0].clone()
 }
 
 #[test]
@@ -216,13 +190,13 @@ fn relaying_around_a_cut_link_and_gap_repair_after_a_partition() {
             let all_up = (1..=3u64)
                 .filter(|id| *id != i as u64 + 1)
                 .all(|id| node_view(n, id)["link"] == "up");
-            (all_up && usrloc(n)["state"] == "synced").then_some(())
+            (all_up && n.usrloc_status()["state"] == "synced").then_some(())
         });
         assert!(
             ok.is_some(),
             "node {} never saw the full mesh: {}",
             i + 1,
-            json(n, &["node", "list"])
+            n.sipctl_json(&["node", "list"])
         );
     }
 
@@ -249,14 +223,14 @@ fn relaying_around_a_cut_link_and_gap_repair_after_a_partition() {
     );
     assert_eq!(net.register(1, "relayed", 50), 50);
     let got = wait_for(Duration::from_secs(5), || {
-        (usrloc(&n3)["count"] == 50).then_some(())
+        (n3.usrloc_status()["count"] == 50).then_some(())
     });
     assert!(
         got.is_some(),
         "node 3 has {} contacts",
-        usrloc(&n3)["count"]
+        n3.usrloc_status()["count"]
     );
-    let ev = json(&n1, &["events"]);
+    let ev = n1.sipctl_json(&["events"]);
     assert!(
         ev.as_array()
             .unwrap()
@@ -281,12 +255,12 @@ fn relaying_around_a_cut_link_and_gap_repair_after_a_partition() {
         node_view(&n2, 1)
     );
     assert_eq!(net.register(1, "isolated", 40), 40);
-    assert_eq!(usrloc(&n1)["count"], 90);
-    assert_eq!(usrloc(&n2)["count"], 50);
+    assert_eq!(n1.usrloc_status()["count"], 90);
+    assert_eq!(n2.usrloc_status()["count"], 50);
     net.set_link(1, 2, true);
     net.set_link(1, 3, true);
     let healed = wait_for(Duration::from_secs(10), || {
-        let (a, b, c) = (usrloc(&n1), usrloc(&n2), usrloc(&n3));
+        let (a, b, c) = (n1.usrloc_status(), n2.usrloc_status(), n3.usrloc_status());
         (b["count"] == 90
             && c["count"] == 90
             && a["digest"] == b["digest"]
@@ -296,9 +270,9 @@ fn relaying_around_a_cut_link_and_gap_repair_after_a_partition() {
     let (b, c) = healed.unwrap_or_else(|| {
         panic!(
             "not converged: {} / {} / {}",
-            usrloc(&n1),
-            usrloc(&n2),
-            usrloc(&n3)
+            n1.usrloc_status(),
+            n2.usrloc_status(),
+            n3.usrloc_status()
         )
     });
     for s in [&b, &c] {

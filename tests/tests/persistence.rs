@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sipmesh_tests::{Sipd, TEST_CONFIG, UdpClient, own_ip, register, sipd_bin, status};
+use sipmesh_tests::{Sipd, TEST_CONFIG, UdpClient, own_ip, register, sipd_bin, status, wait_for};
 
 /// A data directory owned by the test, removed on drop.
 struct DataDir(PathBuf);
@@ -60,28 +60,12 @@ fn registrations_survive_a_restart_and_what_expired_meanwhile_is_dropped_silentl
     let c = UdpClient::new(a);
     for i in 0..50 {
         let user = format!("long{i}");
-        let contact = format!("Contact: <sip:{user}@{}>", c.local());
-        let r = c.request(&register(
-            c.local(),
-            "UDP",
-            &user,
-            &format!("l{i}"),
-            1,
-            &[&contact, "Expires: 600"],
-        ));
+        let r = c.register_contact(&user, &format!("l{i}"), 1, 600);
         assert_eq!(status(&r), 200, "{r}");
     }
     for i in 0..5 {
         let user = format!("short{i}");
-        let contact = format!("Contact: <sip:{user}@{}>", c.local());
-        let r = c.request(&register(
-            c.local(),
-            "UDP",
-            &user,
-            &format!("s{i}"),
-            1,
-            &[&contact, "Expires: 2"],
-        ));
+        let r = c.register_contact(&user, &format!("s{i}"), 1, 2);
         assert_eq!(status(&r), 200, "{r}");
     }
     assert_eq!(n.stop(), Some(0));
@@ -109,15 +93,7 @@ fn registrations_survive_a_restart_and_what_expired_meanwhile_is_dropped_silentl
     assert_eq!(status(&r), 200, "{r}");
     assert!(r.contains("sip:long7@"), "{r}");
     // The loaded bindings are on the expiry wheels: a refresh to 1 s expires on time.
-    let contact = format!("Contact: <sip:long3@{}>", c.local());
-    let r = c.request(&register(
-        c.local(),
-        "UDP",
-        "long3",
-        "l3",
-        2,
-        &[&contact, "Expires: 1"],
-    ));
+    let r = c.register_contact("long3", "l3", 2, 1);
     assert_eq!(status(&r), 200, "{r}");
     assert!(
         n.wait_change(&["op=remove", "long3", "Expired"], Duration::from_secs(5))
@@ -269,26 +245,6 @@ fn kill_9_under_load_in_async_mode_loses_only_the_last_milliseconds() {
     }
 }
 
-fn usrloc_status(node: &Sipd) -> Value {
-    let out = node
-        .sipctl(&["--json", "sync", "status"])
-        .expect("sipctl sync status");
-    serde_json::from_str::<Value>(&out).expect("json")[0].clone()
-}
-
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_restarted_cluster_node_recovers_from_disk_and_asks_only_for_what_changed() {
     let config = format!("{TEST_CONFIG}\n[cluster]\nresume_margin_ms = 500\n");
@@ -301,31 +257,23 @@ fn a_restarted_cluster_node_recovers_from_disk_and_asks_only_for_what_changed() 
     let reg = |prefix: &str, n: u32| {
         for i in 0..n {
             let user = format!("{prefix}{i}");
-            let contact = format!("Contact: <sip:{user}@{}>", c.local());
-            let r = c.request(&register(
-                c.local(),
-                "UDP",
-                &user,
-                &user,
-                1,
-                &[&contact, "Expires: 600"],
-            ));
+            let r = c.register_contact(&user, &user, 1, 600);
             assert_eq!(status(&r), 200, "{r}");
         }
     };
     reg("before", 200);
     let ok = wait_for(Duration::from_secs(10), || {
-        (usrloc_status(&n2)["count"] == 200).then_some(())
+        (n2.usrloc_status()["count"] == 200).then_some(())
     });
-    assert!(ok.is_some(), "node 2 has {}", usrloc_status(&n2));
+    assert!(ok.is_some(), "node 2 has {}", n2.usrloc_status());
     // Past the margin, one more (node 2's newest version when it stops), then node 2 goes
     // down and 30 registrations happen without it.
     std::thread::sleep(Duration::from_millis(1000));
     reg("newest", 1);
     let ok = wait_for(Duration::from_secs(10), || {
-        (usrloc_status(&n2)["count"] == 201).then_some(())
+        (n2.usrloc_status()["count"] == 201).then_some(())
     });
-    assert!(ok.is_some(), "node 2 has {}", usrloc_status(&n2));
+    assert!(ok.is_some(), "node 2 has {}", n2.usrloc_status());
     assert_eq!(n2.stop(), Some(0));
     reg("while-down", 30);
 
@@ -339,17 +287,17 @@ fn a_restarted_cluster_node_recovers_from_disk_and_asks_only_for_what_changed() 
         n2.stderr.lock().unwrap()
     );
     let st = wait_for(Duration::from_secs(15), || {
-        let s = usrloc_status(&n2);
+        let s = n2.usrloc_status();
         (s["state"] == "synced").then_some(s)
     })
-    .unwrap_or_else(|| panic!("node 2 did not sync: {}", usrloc_status(&n2)));
+    .unwrap_or_else(|| panic!("node 2 did not sync: {}", n2.usrloc_status()));
     let last = st["last_result"].as_str().unwrap().to_string();
     // The newest record node 2 had (within the margin) and the 30 it missed; not the 200
     // older ones it recovered from its disk.
     assert!(last.starts_with("31 records from node 1"), "{last}");
     let events = n2.sipctl(&["events"]).unwrap();
     assert!(events.contains("delta sync (versions after"), "{events}");
-    let (a, b) = (usrloc_status(&n1), usrloc_status(&n2));
+    let (a, b) = (n1.usrloc_status(), n2.usrloc_status());
     assert_eq!(a["count"], 231);
     assert_eq!(a["digest"], b["digest"], "{a} / {b}");
 }

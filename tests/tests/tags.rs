@@ -7,17 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sipmesh_tests::{Sipd, TEST_CONFIG};
 
-fn json(node: &Sipd, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    let out = node
-        .sipctl(&a)
-        .unwrap_or_else(|e| panic!("sipctl {args:?}: {e}"));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("sipctl {args:?}: {out:?}: {e}"))
-}
-
 fn vip(node: &Sipd) -> Value {
-    json(node, &["tag", "list"])
+    node.sipctl_json(&["tag", "list"])
         .as_array()
         .unwrap()
         .iter()
@@ -28,7 +19,7 @@ fn vip(node: &Sipd) -> Value {
 
 fn owns_vip_slot(node: &Sipd) -> bool {
     let slot = vip(node)["slot"].as_u64().unwrap();
-    json(node, &["ownership"])["active_tag_slots"]
+    node.sipctl_json(&["ownership"])["active_tag_slots"]
         .as_array()
         .unwrap()
         .iter()
@@ -36,14 +27,7 @@ fn owns_vip_slot(node: &Sipd) -> bool {
 }
 
 fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
+    sipmesh_tests::wait_for(limit, || f().then_some(())).is_some()
 }
 
 #[test]
@@ -74,7 +58,7 @@ fn a_tag_moves_on_activation_and_on_failure_and_its_term_survives_a_restart() {
     assert!(!owns_vip_slot(&n2));
     // A named tag acts only on a synced node: let node 2 finish its sync first.
     assert!(wait_for(Duration::from_secs(10), || {
-        json(&n2, &["sync", "status"])[0]["state"] == "synced"
+        n2.sipctl_json(&["sync", "status"])[0]["state"] == "synced"
     }));
 
     // The operator moves it to node 2.
@@ -88,7 +72,7 @@ fn a_tag_moves_on_activation_and_on_failure_and_its_term_survives_a_restart() {
         t0.elapsed().as_millis()
     );
     assert!(wait_for(Duration::from_secs(5), || owns_vip_slot(&n2)));
-    let hist = json(&n1, &["tag", "history"]);
+    let hist = n1.sipctl_json(&["tag", "history"]);
     let last = hist.as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["became"], "backup");
     assert_eq!(last["reason"], "activated on node 2, term 2");
@@ -117,7 +101,8 @@ fn a_tag_moves_on_activation_and_on_failure_and_its_term_survives_a_restart() {
         "{seg}"
     );
     assert_eq!(seg["node_id"], 1);
-    let last = json(&n1, &["tag", "history"])
+    let last = n1
+        .sipctl_json(&["tag", "history"])
         .as_array()
         .unwrap()
         .last()

@@ -329,20 +329,22 @@ pub fn version_span(ms: u64) -> u64 {
     ms << 16
 }
 
-/// Rendezvous weight of node `n` for partition bucket `b`.
-fn bucket_weight(b: usize, n: NodeId) -> u64 {
-    let mut z = ((b as u64) << 16 | u64::from(n.0)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+/// A 64-bit finalizer (splitmix64's): deterministic on every node.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
 
-/// Rendezvous weight of `(a, b)`: a deterministic 64-bit mix.
+/// Rendezvous weight of node `n` for partition bucket `b`.
+fn bucket_weight(b: usize, n: NodeId) -> u64 {
+    mix64((b as u64) << 16 | u64::from(n.0))
+}
+
+/// Rendezvous weight of donor `b` for receiver `a`.
 fn hrw(a: NodeId, b: NodeId) -> u64 {
-    let mut z = (u64::from(a.0) << 32 | u64::from(b.0)).wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    mix64(u64::from(a.0) << 32 | u64::from(b.0))
 }
 
 impl Mesh {
@@ -1856,11 +1858,6 @@ impl Mesh {
     /// The bounded event history, oldest first.
     pub fn events(&self) -> impl Iterator<Item = &Event> {
         self.events.iter()
-    }
-
-    /// Whether `id` is currently reachable.
-    pub fn is_reachable(&self, id: NodeId) -> bool {
-        self.peers.get(&id).is_some_and(|p| p.reachable)
     }
 
     /// The member `id`'s identity.

@@ -26,6 +26,21 @@ use super::types::Millis;
 /// The slot of the node-wide default tag.
 pub const DEFAULT_TAG_SLOT: usize = 0;
 
+/// A tag name: 1 to 64 of A-Z a-z 0-9 - _ .
+pub fn check_tag_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!(
+            "`{name}` is not a tag name (1..64 of A-Z a-z 0-9 - _ .)"
+        ));
+    }
+    Ok(())
+}
+
 /// What a node says about one tag.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TagClaim {
@@ -253,16 +268,7 @@ impl Tags {
     /// Makes this node active for `name` with the next term; every node that held it
     /// steps down when it hears of the new term.
     pub fn activate(&mut self, name: &str, now: Millis, why: &str) -> Result<u64, String> {
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return Err(format!(
-                "`{name}` is not a tag name (1..64 of A-Z a-z 0-9 - _ .)"
-            ));
-        }
+        check_tag_name(name)?;
         let me = self.me;
         let tag = self.entry(name);
         if tag.slot >= TAG_SLOTS {

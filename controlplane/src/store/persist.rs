@@ -9,7 +9,7 @@
 //!
 //! * `async`: a write batch every `flush_ms` (no sync), the write-ahead log synced every
 //!   `wal_sync_ms`. A process crash loses only what had not reached RocksDB (at most
-//!   the drain period plus `flush_ms`); a power failure also what the last WAL sync had
+//!   the drain period plus `flush_ms` plus the batch write); a power failure also what the last WAL sync had
 //!   not covered. After each write the workers learn how many of their records are
 //!   stored; a worker more than `async_max_unwritten` records ahead holds its REGISTER
 //!   replies back, so a store that falls behind slows registrations down instead of

@@ -24,10 +24,10 @@ const ACCEPTS: usize = 64;
 
 // epoll token: kind in the top 8 bits, a 24-bit generation, a 32-bit index.
 const TK_UDP: u64 = 1;
-/// The handler's doorbell (an eventfd).
-const TK_BELL: u64 = 4;
 const TK_LISTEN: u64 = 2;
 const TK_CONN: u64 = 3;
+/// The handler's doorbell (an eventfd).
+const TK_BELL: u64 = 4;
 
 fn token(kind: u64, generation: u32, idx: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0xff_ffff) << 32) | u64::from(idx)
@@ -141,6 +141,20 @@ impl EpollDriver {
         })
     }
 
+    /// An outbox over the whole driver (for calls made while nothing else is borrowed:
+    /// ticks and wake-ups).
+    fn out<'a>(&'a mut self, stats: &'a IoStats) -> EpollOut<'a> {
+        EpollOut {
+            tx: &mut self.tx,
+            udp_fds: &self.udp_fds,
+            udp_locals: &self.udp_locals,
+            cur_udp: None,
+            conns: &mut self.conns,
+            scratch: &mut self.scratch,
+            stats,
+        }
+    }
+
     pub(crate) fn run<H: Handler>(mut self, handler: &mut H, stats: &IoStats, stop: &Stop) {
         let mut next_tick = now_millis();
         let bell = handler.doorbell();
@@ -153,16 +167,7 @@ impl EpollDriver {
             let now = now_millis();
             if now >= next_tick {
                 bump(&stats.ticks, 1);
-                let mut out = EpollOut {
-                    tx: &mut self.tx,
-                    udp_fds: &self.udp_fds,
-                    udp_locals: &self.udp_locals,
-                    cur_udp: None,
-                    conns: &mut self.conns,
-                    scratch: &mut self.scratch,
-                    stats,
-                };
-                handler.on_tick(now, &mut out);
+                handler.on_tick(now, &mut self.out(stats));
                 self.sweep_idle(now, stats);
                 next_tick = now + self.tick_ms;
             }
@@ -188,16 +193,7 @@ impl EpollDriver {
                         if let Some(fd) = bell {
                             eventfd_drain(fd);
                         }
-                        let mut out = EpollOut {
-                            tx: &mut self.tx,
-                            udp_fds: &self.udp_fds,
-                            udp_locals: &self.udp_locals,
-                            cur_udp: None,
-                            conns: &mut self.conns,
-                            scratch: &mut self.scratch,
-                            stats,
-                        };
-                        handler.on_wake(now, &mut out);
+                        handler.on_wake(now, &mut self.out(stats));
                     }
                     TK_CONN => {
                         if self.conns.generation(idx).map(|g| g & 0xff_ffff) != Some(generation) {

@@ -152,7 +152,8 @@ enum Backing {
 }
 
 /// A mapped segment. Cloning the `Arc` around it shares it between threads; the mapping
-/// lives as long as the value.
+/// lives as long as the value, the file stays for inspection until the next start
+/// truncates it.
 pub struct Segment {
     layout: *const Layout,
     backing: Backing,
@@ -200,20 +201,26 @@ impl Segment {
                 )
             })?;
         file.set_len(SEGMENT_BYTES as u64)?;
-        // SAFETY: the file was just sized to the layout and is private to this node; other
-        // processes (sipctl) only read it, through atomics. Changes to the file by another
-        // writer could not make an atomic load unsound, only wrong.
-        let map = unsafe { MmapOptions::new().len(SEGMENT_BYTES).map_mut(&file)? };
+        let s = Segment::map_file(&file, path)?;
+        s.init(node_id);
+        Ok(s)
+    }
+
+    /// Maps a file of at least `SEGMENT_BYTES`.
+    fn map_file(file: &std::fs::File, path: &Path) -> std::io::Result<Segment> {
+        // SAFETY: the caller checked (or set) the file's size to the layout's. The
+        // segment's writer is the node that created the file; everyone else (sipctl) only
+        // reads, through atomics. Changes to the file by another writer could not make an
+        // atomic load unsound, only wrong.
+        let map = unsafe { MmapOptions::new().len(SEGMENT_BYTES).map_mut(file)? };
         let layout = check_map(&map)?;
-        let s = Segment {
+        Ok(Segment {
             layout,
             backing: Backing::File {
                 _map: map,
                 path: path.to_path_buf(),
             },
-        };
-        s.init(node_id);
-        Ok(s)
+        })
     }
 
     /// An anonymous segment (in-process only).
@@ -238,16 +245,7 @@ impl Segment {
                 path.display()
             )));
         }
-        // SAFETY: the file is at least the layout's size; only atomic loads are made.
-        let map = unsafe { MmapOptions::new().len(SEGMENT_BYTES).map_mut(&file)? };
-        let layout = check_map(&map)?;
-        let s = Segment {
-            layout,
-            backing: Backing::File {
-                _map: map,
-                path: path.to_path_buf(),
-            },
-        };
+        let s = Segment::map_file(&file, path)?;
         if s.l().magic.load(Ordering::Acquire) != MAGIC
             || s.l().version.load(Ordering::Acquire) != LAYOUT_VERSION
         {
@@ -360,13 +358,6 @@ impl Segment {
             buckets: std::array::from_fn(|i| l.buckets[i].load(Ordering::Relaxed)),
             terms: l.terms.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
         })
-    }
-}
-
-impl Drop for Segment {
-    fn drop(&mut self) {
-        // The mapping goes with `backing`; the file stays for inspection until the next
-        // start truncates it.
     }
 }
 
