@@ -1,4 +1,4 @@
-//! The ownership check on the hot path: `Segment::acts_on` (three atomic loads under the
+//! The ownership check on the hot path: `Segment::acts_on_at` (a few atomic loads under the
 //! segment's sequence lock), alone and with the key's bucket hash; and the same while
 //! another thread keeps publishing (readers retry when a publication is under way).
 
@@ -29,7 +29,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("acts_on", |bch| {
         bch.iter(|| {
             b = (b + 1) % BUCKETS;
-            black_box(s.acts_on(0, black_box(b)))
+            black_box(s.acts_on_at(0, black_box(b), 1))
         })
     });
     let keys: Vec<Vec<u8>> = (0..1024)
@@ -39,7 +39,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("bucket_of + acts_on (AoR key)", |bch| {
         bch.iter(|| {
             i = (i + 1) % keys.len();
-            black_box(s.acts_on(0, bucket_of(black_box(&keys[i]))))
+            black_box(s.acts_on_at(0, bucket_of(black_box(&keys[i])), 1))
         })
     });
     // A writer publishing continuously on the other core.
@@ -61,7 +61,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("acts_on while publishing", |bch| {
         bch.iter(|| {
             b = (b + 1) % BUCKETS;
-            black_box(s.acts_on(0, black_box(b)))
+            black_box(s.acts_on_at(0, black_box(b), 1))
         })
     });
     stop.store(true, Ordering::Relaxed);

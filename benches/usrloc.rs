@@ -44,6 +44,7 @@ fn binding(i: usize, cseq: u32) -> Binding {
         path: b"",
         instance: b"<urn:uuid:2a8c6f1e-4b3d-4e7a-9c15-0d6b8f2e1a37>",
         user_agent: b"Linphone/5.2.0",
+        tag: b"",
         expires_at: 1_800_003_600,
         cseq,
         q: Q_NONE,

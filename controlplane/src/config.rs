@@ -9,8 +9,9 @@ use serde::Deserialize;
 use crate::mesh::ClusterMode;
 use crate::mesh::tags::{TagRole, check_tag_name};
 use crate::store::persist::Durability;
+use sipmesh_cluster::keepalive::PingMethod;
 use sipmesh_dataplane::io::{Backend, IoConfig};
-use sipmesh_dataplane::registrar::{MaxContactsPolicy, RegistrarConfig};
+use sipmesh_dataplane::registrar::{KeepaliveMode, MaxContactsPolicy, RegistrarConfig, TagRules};
 
 /// The embedded defaults: what `sipd` runs with when given no file.
 pub const DEFAULT_TOML: &str = include_str!("../sipd.toml");
@@ -27,6 +28,7 @@ struct FileConfig {
     sip: SipSection,
     tcp: TcpSection,
     registrar: RegistrarSection,
+    nat: NatSection,
     store: StoreSection,
     usrloc: UsrlocSection,
 }
@@ -60,6 +62,30 @@ struct TagsSection {
     list: Vec<String>,
     failover_ms: u64,
     segment: String,
+    handover_ms: u64,
+    header: String,
+    listeners: Vec<String>,
+    domains: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NatSection {
+    keepalive: String,
+    ping_enabled: bool,
+    ping_method: String,
+    ping_interval_ms: u64,
+    ping_max_misses: u32,
+    max_tracked: usize,
+}
+
+/// NAT keepalive settings.
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    /// Runtime-changeable pinging settings.
+    pub ping: sipmesh_cluster::keepalive::Settings,
+    /// Contacts whose answers are tracked at most.
+    pub max_tracked: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +229,8 @@ pub struct ClusterConfig {
     pub tag_failover_ms: u64,
     /// Ownership segment path ("" = the default under /dev/shm).
     pub segment: String,
+    /// Delay between a tag activation and the moment it takes effect.
+    pub tag_handover_ms: u64,
 }
 
 /// Parses `name=active|backup`.
@@ -251,6 +279,7 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub store: StoreConfig,
+    pub nat: NatConfig,
     pub node_id: u16,
     pub cluster: ClusterConfig,
     pub io: IoConfig,
@@ -451,9 +480,88 @@ impl Config {
         if f.tags.failover_ms > 3_600_000 {
             return Err(err("tags.failover_ms", "must be at most 3600000"));
         }
+        if f.tags.handover_ms > 60_000 {
+            return Err(err("tags.handover_ms", "must be at most 60000"));
+        }
+        let rule = |field: &str, i: usize, v: &str| -> Result<(String, String), ConfigError> {
+            let f = format!("{field}[{i}]");
+            let (k, t) = v
+                .rsplit_once('=')
+                .ok_or_else(|| err(&f, format!("`{v}` is not KEY=tag")))?;
+            check_tag_name(t).map_err(|e| err(&f, e))?;
+            Ok((k.to_string(), t.to_string()))
+        };
+        let mut tag_listeners = Vec::new();
+        for (i, v) in f.tags.listeners.iter().enumerate() {
+            let (a, t) = rule("tags.listeners", i, v)?;
+            let a = a.parse::<SocketAddr>().map_err(|e| {
+                err(
+                    &format!("tags.listeners[{i}]"),
+                    format!("`{a}` is not an IP:port address ({e})"),
+                )
+            })?;
+            tag_listeners.push((a, t));
+        }
+        let mut tag_domains = Vec::new();
+        for (i, v) in f.tags.domains.iter().enumerate() {
+            let (d, t) = rule("tags.domains", i, v)?;
+            tag_domains.push((d.to_ascii_lowercase(), t));
+        }
+        let tag_header = f.tags.header.trim();
+        if !tag_header
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.!%*+`'~".contains(&b))
+        {
+            return Err(err(
+                "tags.header",
+                format!("`{tag_header}` is not a header name"),
+            ));
+        }
+        let tagging = TagRules {
+            header: (!tag_header.is_empty()).then(|| tag_header.to_string()),
+            listeners: tag_listeners,
+            domains: tag_domains,
+        };
+        let n = &f.nat;
+        let keepalive = match n.keepalive.as_str() {
+            "off" => KeepaliveMode::Off,
+            "nated" => KeepaliveMode::Nated,
+            "all" => KeepaliveMode::All,
+            other => {
+                return Err(err(
+                    "nat.keepalive",
+                    format!("`{other}` is not one of off, nated, all"),
+                ));
+            }
+        };
+        let Some(method) = PingMethod::parse(&n.ping_method) else {
+            return Err(err(
+                "nat.ping_method",
+                format!("`{}` is not one of options, crlf", n.ping_method),
+            ));
+        };
+        if !(100..=3_600_000).contains(&n.ping_interval_ms) {
+            return Err(err(
+                "nat.ping_interval_ms",
+                "must be between 100 and 3600000",
+            ));
+        }
+        if n.max_tracked > 100_000_000 {
+            return Err(err("nat.max_tracked", "must be at most 100000000"));
+        }
+        let nat = NatConfig {
+            ping: sipmesh_cluster::keepalive::Settings {
+                enabled: n.ping_enabled,
+                method,
+                interval_ms: n.ping_interval_ms,
+                max_misses: n.ping_max_misses,
+            },
+            max_tracked: n.max_tracked,
+        };
         let cluster = ClusterConfig {
             tags,
             tag_failover_ms: f.tags.failover_ms,
+            tag_handover_ms: f.tags.handover_ms,
             segment: f.tags.segment.clone(),
             cluster_id: f.node.cluster,
             grpc_listen,
@@ -618,6 +726,7 @@ impl Config {
         }
         Ok(Config {
             store,
+            nat,
             node_id: f.node.id,
             cluster,
             io: IoConfig {
@@ -639,6 +748,8 @@ impl Config {
                 max_contacts: r.max_contacts,
                 max_contacts_policy: policy,
                 domains: r.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                keepalive,
+                tagging,
             },
             usrloc_capacity: f.usrloc.initial_capacity,
             change_ring_bytes: f.usrloc.change_ring_bytes,

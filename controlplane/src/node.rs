@@ -11,12 +11,19 @@ use sipmesh_cluster::ring::{ChangeProducer, change_ring};
 use sipmesh_cluster::usrloc::Usrloc;
 use sipmesh_dataplane::core::{Core, CoreConfig, CoreStats};
 use sipmesh_dataplane::io::{self, Workers};
-use sipmesh_dataplane::registrar::{Registrar, RegistrarStats};
+use sipmesh_dataplane::pinger::{PingStats, Pinger};
+use sipmesh_dataplane::registrar::{KeepaliveMode, Registrar, RegistrarStats};
+use std::net::SocketAddr;
+
+use sipmesh_cluster::keepalive::{Acks, order_ring};
 
 use sipmesh_dataplane::durable::{DurableShared, Gate};
 
 use crate::config::Config;
-use crate::grpc::{Attached, ControlOptions, ControlPlane, ControlStats};
+use crate::grpc::{Attached, ControlOptions, ControlPlane, ControlStats, KeepaliveAttach};
+
+/// Ping orders a worker's ring holds.
+const ORDER_RING: usize = 4096;
 use crate::store::persist::{Durability, PersistConfig, PersistStats, Persister};
 use crate::store::{LoadReport, Store};
 
@@ -33,6 +40,8 @@ pub struct Node {
     pub workers: Workers,
     pub usrloc: Arc<Usrloc>,
     pub core_stats: Vec<Arc<CoreStats>>,
+    /// Keepalive counters per worker.
+    pub ping_stats: Vec<Arc<PingStats>>,
     pub registrar_stats: Vec<Arc<RegistrarStats>>,
     pub control_stats: Arc<ControlStats>,
     /// The gRPC address the control plane listens on.
@@ -143,6 +152,26 @@ impl Node {
         let (control_ring, control_consumer) = change_ring(config.change_ring_bytes);
         consumers.push(control_consumer);
         let producers: Arc<Mutex<Vec<Option<ChangeProducer>>>> = Arc::new(Mutex::new(producers));
+        // NAT keepalives: the control plane schedules, each worker sends from its ring.
+        let acks = Arc::new(Acks::new(config.nat.max_tracked, {
+            use std::hash::{BuildHasher, Hasher};
+            std::hash::RandomState::new().build_hasher().finish()
+        }));
+        let mut order_tx = Vec::with_capacity(n);
+        let mut order_rx = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (p, c) = order_ring(ORDER_RING);
+            order_tx.push(p);
+            order_rx.push(Some(c));
+        }
+        let order_rx = Arc::new(Mutex::new(order_rx));
+        let ping_stats: Vec<Arc<PingStats>> = (0..n).map(|_| Arc::default()).collect();
+        let ping_from: SocketAddr = config
+            .sip_addr()
+            .parse()
+            .ok()
+            .or(config.io.udp.first().copied())
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5060)));
         let core_stats: Vec<Arc<CoreStats>> = (0..n).map(|_| Arc::default()).collect();
         let registrar_stats: Vec<Arc<RegistrarStats>> = (0..n).map(|_| Arc::default()).collect();
         let make = {
@@ -157,6 +186,7 @@ impl Node {
             let gates = gates.clone();
             let park_bytes = config.store.park_bytes;
             let max_msg = config.io.max_message_size;
+            let (segment, acks, ping_stats) = (segment.clone(), acks.clone(), ping_stats.clone());
             move |i: usize| {
                 // Start-up only: each worker takes its ring's producing half once.
                 let producer = producers
@@ -181,7 +211,20 @@ impl Node {
                 for (aor, at) in mine {
                     registrar.schedule_expiry(aor, at);
                 }
-                let core = Core::new(core_cfg.clone(), registrar, core_stats[i].clone());
+                let orders = order_rx
+                    .lock()
+                    .ok()
+                    .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+                    .expect("one order ring per worker");
+                let core = Core::new(core_cfg.clone(), registrar, core_stats[i].clone())
+                    .with_pinger(Pinger::new(
+                        orders,
+                        segment.clone(),
+                        acks.clone(),
+                        ping_from,
+                        node.0,
+                        ping_stats[i].clone(),
+                    ));
                 match gates.get(i) {
                     Some(g) => {
                         core.with_durability_gate(Gate::new(g.clone(), park_bytes, max_msg, slack))
@@ -207,6 +250,13 @@ impl Node {
                 persister: persister.as_ref(),
                 segment: segment.clone(),
                 control_ring,
+                keepalive: Some(KeepaliveAttach {
+                    orders: order_tx,
+                    acks,
+                    worker_stats: ping_stats.clone(),
+                    settings: config.nat.ping,
+                    observe_local: config.registrar.keepalive != KeepaliveMode::Off,
+                }),
             },
         )?;
         let workers = match io::spawn_workers(&config.io, make, shutdown.clone()) {
@@ -222,6 +272,7 @@ impl Node {
             workers,
             usrloc,
             core_stats,
+            ping_stats,
             registrar_stats,
             control_stats: control.stats.clone(),
             grpc_addr: control.grpc_addr,

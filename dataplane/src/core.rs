@@ -14,6 +14,7 @@ use sip_wire::{Checked, ErrorKind, Framing, HeaderName, Message, Method, StartLi
 use crate::date::DateCache;
 use crate::durable::Gate;
 use crate::io::{Dest, Handler, Millis, Outbox, Source, Transport};
+use crate::pinger::Pinger;
 use crate::registrar::{RegReply, Registrar};
 
 /// Methods this node implements; the Allow header of 405 and OPTIONS replies.
@@ -65,6 +66,8 @@ pub struct Core {
     stats: Arc<CoreStats>,
     date: DateCache,
     tag_key: std::hash::RandomState,
+    /// NAT keepalives (None: off).
+    pinger: Option<Pinger>,
 }
 
 /// One request being answered: the message, how to address the reply, where it came
@@ -85,7 +88,14 @@ impl Core {
             stats,
             date: DateCache::default(),
             tag_key: std::hash::RandomState::new(),
+            pinger: None,
         }
+    }
+
+    /// NAT keepalives: this worker sends the pings the control plane orders.
+    pub fn with_pinger(mut self, p: Pinger) -> Core {
+        self.pinger = Some(p);
+        self
     }
 
     pub fn registrar(&self) -> &Registrar {
@@ -382,9 +392,16 @@ impl Handler for Core {
                     self.request(&m, src, now, out);
                 }
                 StartLine::Response { .. } => {
-                    // No client transactions yet: a response has nowhere to go.
                     self.stats.responses_received.fetch_add(1, Relaxed);
-                    self.stats.dropped.fetch_add(1, Relaxed);
+                    // Answers to keepalive pings; no other client transactions yet.
+                    let ping = self.pinger.as_ref().is_some_and(|p| {
+                        m.top_via()
+                            .and_then(|v| v.branch)
+                            .is_some_and(|b| p.on_response(b))
+                    });
+                    if !ping {
+                        self.stats.dropped.fetch_add(1, Relaxed);
+                    }
                 }
             },
             Err(e) => match Message::parse_for_reject(msg) {
@@ -424,6 +441,9 @@ impl Handler for Core {
 
     fn on_tick<O: Outbox>(&mut self, now: Millis, out: &mut O) {
         self.registrar.on_tick(now);
+        if let Some(p) = self.pinger.as_mut() {
+            p.run(out);
+        }
         if let Some(g) = self.gate.as_mut() {
             g.release(out);
         }

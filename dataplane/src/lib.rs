@@ -5,4 +5,5 @@ pub mod core;
 pub mod date;
 pub mod durable;
 pub mod io;
+pub mod pinger;
 pub mod registrar;

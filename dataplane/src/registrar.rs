@@ -11,11 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use sip_wire::headers::ContactAddr;
 use sip_wire::uri::unescaped;
-use sip_wire::{Checked, Contact, HeaderName, Message, Scheme, Uri, Writer};
+use sip_wire::{Checked, Contact, HeaderName, Message, Scheme, Uri, Via, Writer};
 use sipmesh_cluster::NodeId;
 use sipmesh_cluster::change::{ChangeRecordRef, ChangeRef, RemoveReason, next_version};
 use sipmesh_cluster::ring::{ChangeBatch, ChangeProducer};
-use sipmesh_cluster::usrloc::{AorRecord, Binding, BindingParts, Q_NONE, Update, Usrloc};
+use sipmesh_cluster::usrloc::{
+    AorRecord, Binding, BindingParts, FLAG_KEEPALIVE, FLAG_NATED, Q_NONE, Update, Usrloc,
+};
 use sipmesh_cluster::wheel::TimerWheel;
 
 use crate::io::{Millis, Source, Transport};
@@ -49,6 +51,96 @@ pub struct RegistrarConfig {
     pub max_contacts_policy: MaxContactsPolicy,
     /// Domains served (lower case). Empty: any domain.
     pub domains: Vec<String>,
+    /// Which bindings get NAT keepalive pings (flagged at registration, replicated).
+    pub keepalive: KeepaliveMode,
+    /// How a new binding's sharing tag is chosen.
+    pub tagging: TagRules,
+}
+
+/// Which contacts are flagged for NAT keepalive pings when they register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeepaliveMode {
+    /// None.
+    #[default]
+    Off,
+    /// UDP contacts whose registration looks NATed (see [`looks_nated`]).
+    Nated,
+    /// Every UDP contact.
+    All,
+}
+
+/// Rules choosing the sharing tag a binding is created under, first match wins: the
+/// header an upstream proxy set, the listener the REGISTER arrived on, the AoR's domain.
+/// No match: untagged (the node-wide default tag).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TagRules {
+    /// Header carrying the tag (e.g. `X-Sharing-Tag`), trusted as set by an upstream
+    /// proxy; a value that is not a tag name is ignored.
+    pub header: Option<String>,
+    /// Listener address → tag.
+    pub listeners: Vec<(std::net::SocketAddr, String)>,
+    /// AoR domain (lower case) → tag.
+    pub domains: Vec<(String, String)>,
+}
+
+impl TagRules {
+    /// The tag of a binding registered through `m` on `local` for an AoR of `domain`.
+    pub fn pick<'m>(
+        &'m self,
+        m: &Message<'m>,
+        local: std::net::SocketAddr,
+        domain: &[u8],
+    ) -> &'m [u8] {
+        if let Some(h) = &self.header
+            && let Some(v) = m.header_by_name(h.as_bytes())
+        {
+            let v = v.trim_ascii();
+            if sipmesh_cluster::ownership::is_tag_name(v) {
+                return v;
+            }
+        }
+        if let Some((_, t)) = self.listeners.iter().find(|(a, _)| *a == local) {
+            return t.as_bytes();
+        }
+        if let Some((_, t)) = self
+            .domains
+            .iter()
+            .find(|(d, _)| d.as_bytes().eq_ignore_ascii_case(domain))
+        {
+            return t.as_bytes();
+        }
+        b""
+    }
+}
+
+/// Whether a registration looks NATed (the nathelper tests): the Contact host is a
+/// private (RFC 1918 / RFC 6598 / unique-local) address, or the Contact's or the top
+/// Via's address differs from where the request came from.
+pub fn looks_nated(contact: &Uri<'_>, via: &Via<'_>, src: std::net::SocketAddr) -> bool {
+    let ip = |h: &[u8]| {
+        let h = h
+            .strip_prefix(b"[")
+            .and_then(|h| h.strip_suffix(b"]"))
+            .unwrap_or(h);
+        std::str::from_utf8(h)
+            .ok()
+            .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+    };
+    let private = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(v) => {
+            let o = v.octets();
+            v.is_private() || (o[0] == 100 && (64..128).contains(&o[1]))
+        }
+        std::net::IpAddr::V6(v) => (v.segments()[0] & 0xfe00) == 0xfc00,
+    };
+    let differs = |host: &[u8], port: Option<u16>| match ip(host) {
+        Some(a) => a != src.ip() || port.unwrap_or(5060) != src.port(),
+        // A host name: resolved elsewhere, compare nothing.
+        None => false,
+    };
+    ip(contact.host).is_some_and(private)
+        || differs(contact.host, contact.port)
+        || differs(via.host, via.rport.flatten().or(via.port))
 }
 
 impl Default for RegistrarConfig {
@@ -60,6 +152,8 @@ impl Default for RegistrarConfig {
             max_contacts: 10,
             max_contacts_policy: MaxContactsPolicy::Reject,
             domains: Vec::new(),
+            keepalive: KeepaliveMode::Off,
+            tagging: TagRules::default(),
         }
     }
 }
@@ -146,6 +240,11 @@ struct ReqInfo<'r> {
     user_agent: &'r [u8],
     src: &'r Source,
     transport: u8,
+    /// Sharing tag of new bindings.
+    tag: &'r [u8],
+    /// The top Via (NAT detection).
+    via: &'r Via<'r>,
+    keepalive: KeepaliveMode,
     now_s: u32,
     now_ms: Millis,
     node: NodeId,
@@ -399,6 +498,7 @@ impl Registrar {
         let (node, worker) = (*node, *worker);
         let free = changes.free_bytes();
         let contacts = &*contacts;
+        let tag = cfg.tagging.pick(m, src.local, to_uri.host);
         let req = ReqInfo {
             call_id,
             cseq: cseq.seq,
@@ -406,6 +506,9 @@ impl Registrar {
             user_agent,
             src,
             transport,
+            tag,
+            via: &chk.top_via,
+            keepalive: cfg.keepalive,
             now_s,
             now_ms,
             node,
@@ -803,18 +906,36 @@ fn new_binding(c: &ReqContact<'_>, req: &ReqInfo<'_>, version: u64) -> Result<Bi
         path: req.path,
         instance: c.contact.instance.unwrap_or_default(),
         user_agent: req.user_agent,
+        tag: req.tag,
         expires_at: req.now_s.saturating_add(c.expires),
         cseq: req.cseq,
         q: c.contact.q.unwrap_or(Q_NONE),
         reg_id: c.contact.reg_id.unwrap_or(0),
         source: req.src.remote,
         transport: req.transport,
-        flags: 0,
+        flags: keepalive_flags(c, req),
         version,
         origin: req.node,
         last_modified: req.now_s,
     })
     .map_err(|_| Reject::new(400, "Header Value Too Long"))
+}
+
+/// The NAT flags of a new binding: keepalive for UDP contacts as configured.
+fn keepalive_flags(c: &ReqContact<'_>, req: &ReqInfo<'_>) -> u8 {
+    let nated = looks_nated(&c.uri, req.via, req.src.remote);
+    let mut f = if nated { FLAG_NATED } else { 0 };
+    let udp = req.transport == sipmesh_cluster::usrloc::TRANSPORT_UDP;
+    if udp
+        && match req.keepalive {
+            KeepaliveMode::Off => false,
+            KeepaliveMode::Nated => nated,
+            KeepaliveMode::All => true,
+        }
+    {
+        f |= FLAG_KEEPALIVE;
+    }
+    f
 }
 
 fn upsert_record<'a>(

@@ -670,3 +670,110 @@ fn a_binding_that_gains_an_instance_is_replaced_in_the_change_stream() {
     assert_eq!(binding.instance(), b"<urn:uuid:g>");
     assert_eq!(h.table.bindings(), 1);
 }
+
+fn upserted(h: &mut Harness) -> Vec<sipmesh_cluster::usrloc::Binding> {
+    h.drain()
+        .into_iter()
+        .filter_map(|r| match r.change {
+            Change::BindingUpsert { binding, .. } => Some(binding),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn nated_registrations_are_flagged_for_keepalive_as_configured() {
+    use sipmesh_cluster::usrloc::{FLAG_KEEPALIVE, FLAG_NATED};
+    use sipmesh_dataplane::registrar::KeepaliveMode;
+    let natted = udp_source("203.0.113.7:40000");
+    let direct = udp_source("192.0.2.10:5062");
+    let reg = |u: &str, contact: &str| {
+        register(u, &format!("c-{u}"), 1, &[&format!("Contact: <{contact}>")])
+    };
+    for (mode, nated_flags, direct_flags) in [
+        (KeepaliveMode::Off, FLAG_NATED, 0),
+        (KeepaliveMode::Nated, FLAG_NATED | FLAG_KEEPALIVE, 0),
+        (
+            KeepaliveMode::All,
+            FLAG_NATED | FLAG_KEEPALIVE,
+            FLAG_KEEPALIVE,
+        ),
+    ] {
+        let mut h = Harness::new(RegistrarConfig {
+            keepalive: mode,
+            ..cfg()
+        });
+        // A private Contact address behind a public source: NATed.
+        h.send_from(&reg("a", "sip:a@10.0.0.2:5060"), &natted);
+        // Contact and Via name the source exactly: not NATed.
+        h.send_from(&reg("b", "sip:b@192.0.2.10:5062"), &direct);
+        // A host name cannot be compared, but the Via (192.0.2.10:5062, rport) can.
+        h.send_from(&reg("c", "sip:c@phone.example.net"), &natted);
+        let b = upserted(&mut h);
+        assert_eq!(b.len(), 3, "{mode:?}");
+        assert_eq!(b[0].flags, nated_flags, "{mode:?} private contact");
+        assert_eq!(b[1].flags, direct_flags, "{mode:?} direct");
+        assert_eq!(b[2].flags, nated_flags, "{mode:?} via differs from source");
+        assert_eq!(b[0].keepalive(), mode != KeepaliveMode::Off);
+    }
+    // TCP contacts keep their connection alive themselves (RFC 5626 §4.4.1): no pings.
+    let mut h = Harness::new(RegistrarConfig {
+        keepalive: KeepaliveMode::All,
+        ..cfg()
+    });
+    let tcp = sipmesh_dataplane::io::Source {
+        transport: sipmesh_dataplane::io::Transport::Tcp,
+        conn: Some(sipmesh_dataplane::io::ConnId {
+            slot: 0,
+            generation: 1,
+        }),
+        ..natted
+    };
+    h.send_from(&reg("t", "sip:t@10.0.0.9:5060;transport=tcp"), &tcp);
+    let b = upserted(&mut h);
+    assert_eq!(b[0].flags, FLAG_NATED);
+}
+
+#[test]
+fn the_sharing_tag_comes_from_the_header_then_the_listener_then_the_domain() {
+    use sipmesh_dataplane::registrar::TagRules;
+    let mut h = Harness::new(RegistrarConfig {
+        tagging: TagRules {
+            header: Some("X-Sharing-Tag".into()),
+            listeners: vec![("127.0.0.1:5070".parse().unwrap(), "edge-b".into())],
+            domains: vec![("example.com".into(), "dom-a".into())],
+        },
+        ..cfg()
+    });
+    let contact = "Contact: <sip:u@192.0.2.10:5062>";
+    let other_listener = sipmesh_dataplane::io::Source {
+        local: "127.0.0.1:5070".parse().unwrap(),
+        ..udp_source("192.0.2.10:5062")
+    };
+    h.send(&register(
+        "h",
+        "c1",
+        1,
+        &[contact, "x-sharing-tag:  vip.1 "],
+    ));
+    h.send_from(&register("l", "c2", 1, &[contact]), &other_listener);
+    h.send_from(
+        &register("l2", "c3", 1, &[contact, "X-Sharing-Tag: bad tag!"]),
+        &other_listener,
+    );
+    h.send(&register("d", "c4", 1, &[contact]));
+    let tags: Vec<Vec<u8>> = upserted(&mut h).iter().map(|b| b.tag().to_vec()).collect();
+    assert_eq!(
+        tags,
+        vec![
+            b"vip.1".to_vec(),
+            b"edge-b".to_vec(),
+            b"edge-b".to_vec(),
+            b"dom-a".to_vec()
+        ]
+    );
+    // No rule: untagged (the node-wide default tag).
+    let mut h = Harness::new(cfg());
+    h.send(&register("n", "c5", 1, &[contact, "X-Sharing-Tag: vip"]));
+    assert!(upserted(&mut h)[0].tag().is_empty());
+}

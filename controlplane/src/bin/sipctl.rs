@@ -33,6 +33,9 @@ COMMANDS:
                            what the ownership segment says: active tag slots,
                            partition buckets acted on here (from the node, or
                            straight from a segment file, without a server)
+    ping [status]          NAT keepalives: settings and counters
+    ping enable|disable    start or stop pinging on this node
+    ping interval MS       ping each flagged contact every MS ms
     db stats               the store: rows and bytes per column family, writes
     db compact             flush and compact every column family
     db checkpoint DIR      a consistent copy of the store in DIR (on the node's
@@ -795,6 +798,64 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                     r.buckets_mine,
                     r.buckets
                 );
+            }
+        }
+        ["ping", rest @ ..] => {
+            let (enable, interval_ms) = match rest {
+                [] | ["status"] => ("", 0),
+                ["enable"] => ("enable", 0),
+                ["disable"] => ("disable", 0),
+                ["interval", ms] => (
+                    "",
+                    ms.parse::<u64>().map_err(|_| {
+                        tonic::Status::invalid_argument(format!("`{ms}` is not ms"))
+                    })?,
+                ),
+                _ => {
+                    return Err(tonic::Status::invalid_argument(
+                        "usage: ping [status | enable | disable | interval MS]",
+                    ));
+                }
+            };
+            let r = c
+                .keepalive(pb::KeepaliveArgs {
+                    enable: enable.into(),
+                    interval_ms,
+                })
+                .await?
+                .into_inner();
+            let counters = [
+                ("aors", r.aors),
+                ("tracked", r.tracked),
+                ("ordered", r.ordered),
+                ("sent", r.sent),
+                ("answers", r.answers),
+                ("missed", r.missed),
+                ("removed", r.removed),
+                ("not_owner", r.not_owner),
+                ("fenced", r.fenced),
+                ("ring_full", r.ring_full),
+            ];
+            if json {
+                let mut o = vec![
+                    ("enabled", Json::Bool(r.enabled)),
+                    ("method", s(r.method.clone())),
+                    ("interval_ms", Json::Num(r.interval_ms)),
+                    ("max_misses", Json::Num(u64::from(r.max_misses))),
+                ];
+                o.extend(counters.iter().map(|(k, v)| (*k, Json::Num(*v))));
+                print(Json::Obj(o));
+            } else {
+                say!(
+                    "keepalive {} ({} every {} ms, removed after {} unanswered)",
+                    if r.enabled { "enabled" } else { "disabled" },
+                    r.method,
+                    r.interval_ms,
+                    r.max_misses
+                );
+                for (k, v) in counters {
+                    say!("  {k:<10} {v}");
+                }
             }
         }
         ["db", "compact"] => {

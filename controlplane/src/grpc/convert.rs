@@ -125,6 +125,7 @@ fn link_state(ls: pb::LinkState) -> Result<LinkStateAd, Invalid> {
                 },
                 name: t.name,
                 term: t.term,
+                since: t.since_ms,
                 candidate: t.candidate,
             })
         })
@@ -168,6 +169,7 @@ fn link_state_pb(a: &LinkStateAd) -> pb::LinkState {
                 name: t.name.clone(),
                 term: t.term,
                 holder: t.holder.map_or(0, |h| u32::from(h.0)),
+                since_ms: t.since,
                 candidate: t.candidate,
             })
             .collect(),
@@ -395,12 +397,14 @@ mod tests {
                     name: "vip".into(),
                     term: 7,
                     holder: Some(NodeId(2)),
+                    since: 1_800_000_000_123,
                     candidate: true,
                 },
                 TagClaim {
                     name: "new".into(),
                     term: 0,
                     holder: None,
+                    since: 0,
                     candidate: false,
                 },
             ],

@@ -38,6 +38,10 @@ use crate::store::Store;
 use crate::store::persist::{PersistSender, PersistStats, Persister};
 use sipmesh_cluster::ownership::Segment;
 
+mod keepalive;
+pub(crate) use keepalive::Keepalive;
+pub use keepalive::{KeepaliveAttach, KeepaliveStatus, TagSlots, refresh_tag_slots, tag_slot};
+
 /// Largest replication batch (bytes of framed records) the drain builds.
 const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// Snapshot chunk size.
@@ -50,10 +54,14 @@ const MESH_QUEUE: usize = 16 * 1024;
 /// Work run on the mesh task with the mesh and the time.
 pub(crate) type MeshFn = Box<dyn FnOnce(&mut Mesh, Millis) + Send>;
 
+/// Work run on the mesh task with the keepalive scheduler (None: keepalives off).
+pub(crate) type KeepaliveFn = Box<dyn FnOnce(Option<&mut Keepalive>) + Send>;
+
 /// An input of the mesh task.
 pub(crate) enum Input {
     Envelope(crate::mesh::Envelope),
     With(MeshFn),
+    Keepalive(KeepaliveFn),
     SnapshotDone(Capability, NodeId, SnapshotOutcome),
 }
 
@@ -98,6 +106,8 @@ pub(crate) struct Shared {
     pub control_ring: Arc<std::sync::Mutex<ChangeProducer>>,
     /// Sweep period and grace (seconds past expiry).
     pub sweep: (Duration, u32),
+    /// Sharing tag name → segment slot.
+    pub tag_slots: TagSlots,
 }
 
 impl Shared {
@@ -150,6 +160,8 @@ pub struct Attached<'a> {
     pub segment: Arc<Segment>,
     /// Its own change ring (drained with the workers').
     pub control_ring: ChangeProducer,
+    /// NAT keepalives (None: off).
+    pub keepalive: Option<KeepaliveAttach>,
 }
 
 /// The running control plane.
@@ -178,6 +190,7 @@ impl ControlPlane {
             persister,
             segment,
             control_ring,
+            keepalive,
         } = attached;
         let control_ring = Arc::new(std::sync::Mutex::new(control_ring));
         let sweep = (
@@ -225,6 +238,7 @@ impl ControlPlane {
         mc.resume_margin = c.resume_margin_ms;
         mc.tags = c.tags.clone();
         mc.tag_failover = (c.tag_failover_ms > 0).then_some(c.tag_failover_ms);
+        mc.tag_handover = c.tag_handover_ms;
         mc.persisted_tags = opts
             .persisted_tags
             .iter()
@@ -253,13 +267,18 @@ impl ControlPlane {
             .name("sipd-control".into())
             .spawn(move || {
                 let (tx, rx) = mpsc::channel(MESH_QUEUE);
+                let clock = Clock(Instant::now());
+                let mut mc = mc;
+                // Tag hand-overs are agreed in wall-clock time.
+                mc.wall_at_zero = wall_ms().saturating_sub(clock.now());
+                let ka = keepalive.map(|k| Keepalive::new(k, mc.me.id));
                 let shared = Shared {
                     cluster_id: mc.cluster_id,
                     me: mc.me.id,
                     usrloc,
                     tx,
                     stats: st,
-                    clock: Clock(Instant::now()),
+                    clock,
                     store,
                     persist,
                     persist_stats,
@@ -267,6 +286,7 @@ impl ControlPlane {
                     segment,
                     control_ring,
                     sweep,
+                    tag_slots: TagSlots::default(),
                 };
                 runtime.block_on(run(
                     mc,
@@ -279,6 +299,7 @@ impl ControlPlane {
                     rings,
                     opts,
                     workers_done,
+                    ka,
                 ));
                 runtime.shutdown_timeout(Duration::from_millis(200));
             })?;
@@ -309,6 +330,7 @@ async fn run(
     rings: Vec<ChangeConsumer>,
     opts: ControlOptions,
     workers_done: Arc<AtomicBool>,
+    ka: Option<Keepalive>,
 ) {
     let clock = shared.clock;
     let tx = shared.tx.clone();
@@ -327,7 +349,17 @@ async fn run(
     let mut mesh = Mesh::new(mc, members, clock.now());
     mesh.set_newest_version(Capability::Usrloc, opts.newest_version);
     mesh.set_resume_point(opts.newest_version);
-    mesh_loop(mesh, shared, rx, rings, opts, workers_done, sync_timeout).await;
+    mesh_loop(
+        mesh,
+        shared,
+        rx,
+        rings,
+        opts,
+        workers_done,
+        sync_timeout,
+        ka,
+    )
+    .await;
     let _ = stop_tx.send(());
     if let Some(s) = server {
         let _ = tokio::time::timeout(Duration::from_millis(500), s).await;
@@ -391,6 +423,7 @@ struct LinkHandle {
     task: tokio::task::JoinHandle<()>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn mesh_loop(
     mut mesh: Mesh,
     shared: Shared,
@@ -399,7 +432,12 @@ async fn mesh_loop(
     opts: ControlOptions,
     workers_done: Arc<AtomicBool>,
     sync_timeout: Duration,
+    mut ka: Option<Keepalive>,
 ) {
+    if let Some(k) = ka.as_mut() {
+        // What the store loaded.
+        k.observe_all(&shared.usrloc);
+    }
     let mut links: HashMap<NodeId, LinkHandle> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -417,12 +455,22 @@ async fn mesh_loop(
             inp = rx.recv() => match inp {
                 Some(Input::Envelope(env)) => mesh.on_envelope(clock.now(), env),
                 Some(Input::With(f)) => f(&mut mesh, clock.now()),
+                Some(Input::Keepalive(f)) => f(ka.as_mut()),
                 Some(Input::SnapshotDone(cap, donor, outcome)) => {
-                    mesh.snapshot_done(clock.now(), cap, donor, outcome)
+                    mesh.snapshot_done(clock.now(), cap, donor, outcome);
+                    if let Some(k) = ka.as_mut() {
+                        k.observe_all(&shared.usrloc);
+                    }
                 }
                 None => break,
             },
-            _ = tick.tick() => mesh.tick(clock.now()),
+            _ = tick.tick() => {
+                mesh.tick(clock.now());
+                refresh_tag_slots(&shared.tag_slots, &mesh.tags());
+                if let Some(k) = ka.as_mut() {
+                    k.tick(wall_ms(), &shared.usrloc, &shared.segment, &shared.tag_slots, &shared.control_ring);
+                }
+            }
             _ = sweep.tick() => {
                 if sweeping.as_ref().is_none_or(|h| h.is_finished()) {
                     sweeping = Some(spawn_sweep(&shared, mesh.me().id));
@@ -430,16 +478,16 @@ async fn mesh_loop(
             }
             _ = drain.tick() => {
                 let stopping = workers_done.load(Ordering::SeqCst);
-                drain_rings(&mut mesh, &mut rings, &mut scratch, &mut buf, &opts, &shared);
+                drain_rings(&mut mesh, &mut rings, &mut scratch, &mut buf, &opts, &shared, &mut ka);
                 if stopping && rings.iter().all(|r| r.is_empty()) {
-                    dispatch(&mut mesh, &mut links, &shared, sync_timeout);
+                    dispatch(&mut mesh, &mut links, &shared, sync_timeout, &mut ka);
                     // Let the last batches reach the link queues' streams.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     break;
                 }
             }
         }
-        dispatch(&mut mesh, &mut links, &shared, sync_timeout);
+        dispatch(&mut mesh, &mut links, &shared, sync_timeout, &mut ka);
     }
     for (_, l) in links {
         l.task.abort();
@@ -453,6 +501,7 @@ fn drain_rings(
     buf: &mut BytesMut,
     opts: &ControlOptions,
     shared: &Shared,
+    ka: &mut Option<Keepalive>,
 ) {
     let mut count = 0u32;
     let mut total = 0u64;
@@ -469,6 +518,9 @@ fn drain_rings(
     };
     for r in rings.iter_mut() {
         while r.pop_frame(scratch) {
+            if let Some(k) = ka.as_mut() {
+                k.observe_frame(&shared.usrloc, scratch);
+            }
             buf.put_u32_le(scratch.len() as u32);
             buf.put_slice(scratch);
             count += 1;
@@ -501,6 +553,7 @@ fn dispatch(
     links: &mut HashMap<NodeId, LinkHandle>,
     shared: &Shared,
     sync_timeout: Duration,
+    ka: &mut Option<Keepalive>,
 ) {
     for a in mesh.take_actions() {
         match a {
@@ -536,7 +589,7 @@ fn dispatch(
                     l.task.abort();
                 }
             }
-            Action::Apply { cap, batch, skip } => apply_batch(shared, cap, &batch, skip),
+            Action::Apply { cap, batch, skip } => apply_batch(shared, cap, &batch, skip, ka),
             Action::StartSnapshot { cap, donor, since } => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
@@ -567,25 +620,27 @@ fn dispatch(
 
 /// The owner-gated expiry sweep, on a blocking thread (it walks the table).
 fn spawn_sweep(shared: &Shared, me: NodeId) -> tokio::task::JoinHandle<()> {
-    use crate::mesh::tags::DEFAULT_TAG_SLOT;
     use sipmesh_cluster::ownership::bucket_of;
-    let (usrloc, segment, ring) = (
+    let (usrloc, segment, ring, slots) = (
         shared.usrloc.clone(),
         shared.segment.clone(),
         shared.control_ring.clone(),
+        shared.tag_slots.clone(),
     );
     let grace = shared.sweep.1;
     tokio::task::spawn_blocking(move || {
         let Ok(mut ring) = ring.lock() else { return };
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let Ok(slots) = slots.read() else { return };
+        let now_ms = wall_ms();
         let r = sipmesh_cluster::sweep::sweep_expired(
             &usrloc,
             now_ms,
             grace,
             me,
-            |aor| segment.acts_on(DEFAULT_TAG_SLOT, bucket_of(aor)).0,
+            |aor, b| {
+                tag_slot(&slots, b.tag())
+                    .is_some_and(|slot| segment.acts_on_at(slot as usize, bucket_of(aor), now_ms).0)
+            },
             &mut ring,
         );
         if r.removed > 0 || r.deferred > 0 {
@@ -595,6 +650,12 @@ fn spawn_sweep(shared: &Shared, me: NodeId) -> tokio::task::JoinHandle<()> {
             );
         }
     })
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn wall_us() -> u64 {
@@ -607,7 +668,13 @@ fn log_event(e: &Event) {
     eprintln!("sipd: cluster: {} node {}: {}", e.kind, e.node.0, e.reason);
 }
 
-fn apply_batch(shared: &Shared, cap: Capability, batch: &Batch, skip: u32) {
+fn apply_batch(
+    shared: &Shared,
+    cap: Capability,
+    batch: &Batch,
+    skip: u32,
+    ka: &mut Option<Keepalive>,
+) {
     match cap {
         Capability::Usrloc => {
             let mut n = 0;
@@ -621,6 +688,9 @@ fn apply_batch(shared: &Shared, cap: Capability, batch: &Batch, skip: u32) {
                         {
                             applied.put_u32_le(f.len() as u32);
                             applied.put_slice(f);
+                        }
+                        if let Some(k) = ka.as_mut() {
+                            k.observe(&shared.usrloc, &rec);
                         }
                         if !batch.resent {
                             let made_us = rec.at_ms.saturating_mul(1000).saturating_add(500);

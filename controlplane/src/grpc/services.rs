@@ -474,9 +474,79 @@ impl pb::admin_server::Admin for AdminSvc {
             bucket_bits: o.buckets.to_vec(),
         }))
     }
+
+    async fn keepalive(
+        &self,
+        req: Request<pb::KeepaliveArgs>,
+    ) -> Result<Response<pb::KeepaliveReply>, Status> {
+        let a = req.into_inner();
+        let enable = match a.enable.as_str() {
+            "" => None,
+            "enable" => Some(true),
+            "disable" => Some(false),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "enable: `{other}` is not enable or disable"
+                )));
+            }
+        };
+        if a.interval_ms != 0 && !(100..=3_600_000).contains(&a.interval_ms) {
+            return Err(Status::invalid_argument(
+                "interval_ms: must be between 100 and 3600000",
+            ));
+        }
+        let st = self
+            .keepalive_query(move |k| {
+                let mut s = k.status().settings;
+                if let Some(e) = enable {
+                    s.enabled = e;
+                }
+                if a.interval_ms != 0 {
+                    s.interval_ms = a.interval_ms;
+                }
+                k.set(s);
+                k.status()
+            })
+            .await?;
+        let (s, t) = (st.settings, st.stats);
+        Ok(Response::new(pb::KeepaliveReply {
+            enabled: s.enabled,
+            method: s.method.as_str().into(),
+            interval_ms: s.interval_ms,
+            max_misses: s.max_misses,
+            aors: t.aors,
+            tracked: t.tracked,
+            ordered: t.ordered,
+            not_owner: t.not_owner,
+            missed: t.missed,
+            removed: t.removed,
+            sent: st.sent,
+            fenced: st.fenced,
+            answers: st.answers,
+            ring_full: st.ring_full,
+        }))
+    }
 }
 
 impl AdminSvc {
+    /// Runs `f` on the mesh task with the keepalive scheduler.
+    async fn keepalive_query<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::grpc::Keepalive) -> R + Send + 'static,
+    ) -> Result<R, Status> {
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        self.0
+            .tx
+            .send(crate::grpc::Input::Keepalive(Box::new(move |k| {
+                let _ = otx.send(k.map(f));
+            })))
+            .await
+            .map_err(|_| Status::unavailable("node is stopping"))?;
+        orx.await
+            .map_err(|_| Status::unavailable("node is stopping"))?
+            .ok_or_else(|| Status::failed_precondition("keepalives are not set up on this node"))
+    }
+
     fn store(&self) -> Result<std::sync::Arc<crate::store::Store>, Status> {
         self.0.store.clone().ok_or_else(|| {
             Status::failed_precondition("this node runs without a store (--no-store)")

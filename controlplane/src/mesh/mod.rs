@@ -106,6 +106,10 @@ pub struct MeshConfig {
     pub persisted_tags: Vec<(String, u64, Option<NodeId>)>,
     /// A tag whose holder is unreachable this long moves to a candidate (None: never).
     pub tag_failover: Option<Millis>,
+    /// An activation takes effect this long after it is made (hand-over boundary).
+    pub tag_handover: Millis,
+    /// Wall-clock ms at mesh time 0 (0: mesh time is wall-clock time).
+    pub wall_at_zero: u64,
 }
 
 impl MeshConfig {
@@ -133,6 +137,8 @@ impl MeshConfig {
             tags: Vec::new(),
             persisted_tags: Vec::new(),
             tag_failover: Some(1000),
+            tag_handover: 200,
+            wall_at_zero: 0,
         }
     }
 }
@@ -374,13 +380,14 @@ impl Mesh {
                 )
             })
             .collect();
-        let tags = Tags::new(
+        let mut tags = Tags::new(
             cfg.me.id,
             &cfg.tags,
             &cfg.persisted_tags,
             cfg.tag_failover,
             now,
         );
+        tags.set_handover(cfg.wall_at_zero, cfg.tag_handover);
         let mut m = Mesh {
             cfg,
             peers: BTreeMap::new(),
@@ -640,7 +647,8 @@ impl Mesh {
         // A named tag acts only once this node is synced: a node that (re)starts claiming
         // a tag has by then heard the cluster's claims, so an old term never acts.
         for t in self.tags.list() {
-            o.set_tag(t.slot, t.active && i_act, t.term);
+            let (from, until) = t.window.unwrap_or((0, 0));
+            o.set_tag_window(t.slot, t.window.is_some() && i_act, t.term, from, until);
         }
         if self.published.as_ref() != Some(&o) {
             self.published = Some(o.clone());

@@ -8,6 +8,12 @@
 //! (`sipctl tag activate`, or an automatic failover) takes the next term, so a stale or
 //! restarted node can never take a tag back with an old term; the terms are persisted.
 //!
+//! Hand-over at a boundary: an activation takes effect `handover` ms after it is made
+//! (wall clock, carried in the claim as `since`), so the advertisement reaches the
+//! previous holder first; that node keeps acting until `since` and not after, the new one
+//! acts from `since` on. Actions are checked by the time they are due, so none is done
+//! twice nor skipped across the change.
+//!
 //! Automatic failover: when the holder of a tag has been unreachable for
 //! `failover_after`, the reachable candidate with the lowest id activates it with the
 //! next term (OpenSIPS tags never move by themselves).
@@ -28,12 +34,7 @@ pub const DEFAULT_TAG_SLOT: usize = 0;
 
 /// A tag name: 1 to 64 of A-Z a-z 0-9 - _ .
 pub fn check_tag_name(name: &str) -> Result<(), String> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
+    if !sipmesh_cluster::ownership::is_tag_name(name.as_bytes()) {
         return Err(format!(
             "`{name}` is not a tag name (1..64 of A-Z a-z 0-9 - _ .)"
         ));
@@ -50,6 +51,8 @@ pub struct TagClaim {
     pub term: u64,
     /// Node active under that term (None: nobody yet).
     pub holder: Option<NodeId>,
+    /// Wall-clock ms from which the holder acts under this term.
+    pub since: u64,
     /// The advertising node is configured for this tag (a failover candidate).
     pub candidate: bool,
 }
@@ -93,6 +96,9 @@ pub struct TagView {
     pub holder: Option<NodeId>,
     /// Configured role here (None: learned from peers).
     pub configured: Option<TagRole>,
+    /// Wall-clock window `[from, until)` in which this node acts for the tag (None:
+    /// it does not; `until` is `u64::MAX` while it holds the tag).
+    pub window: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -101,6 +107,10 @@ struct Tag {
     configured: Option<TagRole>,
     term: u64,
     holder: Option<NodeId>,
+    /// Wall-clock ms from which the holder acts.
+    since: u64,
+    /// This node held the tag until another took it over at this wall-clock ms.
+    handed_over_at: Option<u64>,
     /// Since when the holder is unreachable.
     holder_lost_at: Option<Millis>,
 }
@@ -115,6 +125,10 @@ pub struct Tags {
     failover_after: Option<Millis>,
     /// Tags whose (term, holder) changed since the last [`Tags::take_changed`].
     changed: Vec<String>,
+    /// Wall-clock ms at mesh time 0.
+    wall_at_zero: u64,
+    /// Delay between an activation and the moment it takes effect.
+    handover: Millis,
 }
 
 fn wins(a: (u64, Option<NodeId>), b: (u64, Option<NodeId>)) -> bool {
@@ -150,6 +164,8 @@ impl Tags {
             history_cap: 256,
             failover_after,
             changed: Vec::new(),
+            wall_at_zero: 0,
+            handover: 0,
         };
         for (name, term, holder) in persisted {
             let tag = t.entry(name);
@@ -197,6 +213,8 @@ impl Tags {
                     configured: None,
                     term: 0,
                     holder: None,
+                    since: 0,
+                    handed_over_at: None,
                     holder_lost_at: None,
                 },
             );
@@ -226,6 +244,7 @@ impl Tags {
                 name: name.clone(),
                 term: t.term,
                 holder: t.holder,
+                since: t.since,
                 candidate: t.configured.is_some(),
             })
             .collect()
@@ -246,7 +265,12 @@ impl Tags {
             }
             tag.term = c.term;
             tag.holder = c.holder;
+            tag.since = c.since;
             tag.holder_lost_at = None;
+            if old_holder == Some(me) && c.holder != Some(me) {
+                // Keep acting until the new holder starts (at once if that is past).
+                tag.handed_over_at = Some(c.since);
+            }
             changed = true;
             let was = old_holder == Some(me);
             let is = c.holder == Some(me);
@@ -270,6 +294,7 @@ impl Tags {
     pub fn activate(&mut self, name: &str, now: Millis, why: &str) -> Result<u64, String> {
         check_tag_name(name)?;
         let me = self.me;
+        let wall = self.wall_at_zero + now + self.handover;
         let tag = self.entry(name);
         if tag.slot >= TAG_SLOTS {
             return Err(format!(
@@ -282,6 +307,8 @@ impl Tags {
         tag.term += 1;
         tag.holder = Some(me);
         tag.holder_lost_at = None;
+        tag.handed_over_at = None;
+        tag.since = wall;
         let term = tag.term;
         self.note(
             now,
@@ -329,6 +356,13 @@ impl Tags {
         take
     }
 
+    /// Activations take effect `handover` ms after they are made; `wall_at_zero` is the
+    /// wall-clock ms at mesh time 0.
+    pub fn set_handover(&mut self, wall_at_zero: u64, handover: Millis) {
+        self.wall_at_zero = wall_at_zero;
+        self.handover = handover;
+    }
+
     /// Tags changed since the last call (for persistence).
     pub fn take_changed(&mut self) -> Vec<(String, u64, Option<NodeId>)> {
         let mut names = std::mem::take(&mut self.changed);
@@ -351,6 +385,11 @@ impl Tags {
                 term: t.term,
                 holder: t.holder,
                 configured: t.configured,
+                window: if t.holder == Some(self.me) {
+                    Some((t.since, u64::MAX))
+                } else {
+                    t.handed_over_at.map(|u| (0, u))
+                },
             })
             .collect()
     }

@@ -1461,9 +1461,13 @@ fn tag(net: &Net, at: u16, name: &str) -> TagView {
         .unwrap_or_else(|| panic!("node {at} does not know tag {name}"))
 }
 
+/// Whether node `at` acts for the tag once any hand-over under way has taken effect.
 fn owns_tag(net: &Net, at: u16, name: &str) -> bool {
     let slot = tag(net, at, name).slot;
-    net.get(at).ownership().is_some_and(|o| o.tag_active(slot))
+    let later = net.now + 10_000;
+    net.get(at)
+        .ownership()
+        .is_some_and(|o| o.acts_on_at(slot, 0, later))
 }
 
 fn vip_cluster(n: u16, failover: Option<Millis>) -> Net {
@@ -1510,6 +1514,48 @@ fn activation_moves_a_tag_and_the_holder_steps_down() {
     let now = net.now;
     assert_eq!(net.node(2).activate_tag(now, "vip"), Ok(2));
     assert!(net.node(2).activate_tag(now, "bad name").is_err());
+}
+
+/// The hand-over boundary: the activation takes effect `tag_handover` after it is made;
+/// the old holder acts until then and not after, the new one from then on, so at every
+/// instant exactly one node acts — whenever each of them heard of the change.
+#[test]
+fn an_activation_hands_over_at_a_boundary_both_nodes_agree_on() {
+    let mut net = vip_cluster(3, None);
+    let slot = tag(&net, 1, "vip").slot;
+    let now = net.now;
+    net.node(2).activate_tag(now, "vip").unwrap();
+    let boundary = now + 200;
+    assert_eq!(tag(&net, 2, "vip").window, Some((boundary, u64::MAX)));
+    net.run_until(1000, |n| tag(n, 1, "vip").holder == Some(NodeId(2)))
+        .unwrap();
+    assert!(
+        net.now < boundary,
+        "the old holder heard before the boundary"
+    );
+    assert_eq!(tag(&net, 1, "vip").window, Some((0, boundary)));
+    let acts = |net: &Net, at: u16, t: u64| {
+        net.get(at)
+            .ownership()
+            .is_some_and(|o| o.acts_on_at(slot, 0, t))
+    };
+    for t in [
+        now,
+        boundary - 1,
+        boundary,
+        boundary + 1,
+        boundary + 100_000,
+    ] {
+        let who: Vec<u16> = (1..=3).filter(|&n| acts(&net, n, t)).collect();
+        assert_eq!(who, vec![if t < boundary { 1 } else { 2 }], "at {t}");
+    }
+    // Claims carry the boundary: a node that learns late still agrees on it.
+    assert!((1..=3).all(|n| {
+        net.get(n)
+            .tags()
+            .iter()
+            .all(|t| t.name != "vip" || t.holder == Some(NodeId(2)))
+    }));
 }
 
 #[test]
@@ -1610,7 +1656,7 @@ fn buckets_are_split_by_rendezvous_and_only_a_leaving_nodes_share_moves() {
     // Every node acts on the default tag (untagged data), split by bucket.
     for at in 1..=3 {
         let o = net.get(at).ownership().unwrap();
-        assert!(o.acts_on(DEFAULT_TAG_SLOT, *buckets_of(&net, at).first().unwrap()));
+        assert!(o.acts_on_at(DEFAULT_TAG_SLOT, *buckets_of(&net, at).first().unwrap(), 1));
     }
     // Node 3 leaves: its buckets go to 1 and 2, which keep all of theirs.
     net.isolate(3);

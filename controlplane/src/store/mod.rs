@@ -25,7 +25,12 @@ use sipmesh_cluster::usrloc::{AorRecord, Binding, Update, Usrloc};
 use sipmesh_cluster::{BINCODE_CONFIG, Change, ChangeRecord};
 
 /// Version of every value this build writes (first octet).
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+/// Contact rows of format 1 lack the binding's sharing tag (added last in format 2); they
+/// are read as untagged.
+const FORMAT_V1: u8 = 1;
+/// Version octet of the identity and tag-term rows (unchanged since format 1).
+const ROW_V1: u8 = 1;
 
 /// Column families.
 pub const CF_CONTACTS: &str = "contacts";
@@ -146,18 +151,9 @@ pub fn encode_binding(b: &Binding) -> Vec<u8> {
 pub fn decode_binding(v: &[u8]) -> Result<Binding, StoreError> {
     match v.first() {
         None => Err(StoreError("an empty contact value".into())),
-        Some(&FORMAT_VERSION) => {
-            let (b, used): (Binding, usize) =
-                bincode::decode_from_slice(&v[1..], BINCODE_CONFIG)
-                    .map_err(|e| StoreError(format!("a contact value does not decode: {e}")))?;
-            if used != v.len() - 1 {
-                return Err(StoreError(format!(
-                    "a contact value has {} octets after the binding",
-                    v.len() - 1 - used
-                )));
-            }
-            Ok(b)
-        }
+        Some(&FORMAT_VERSION) => decode_binding_body(&v[1..]),
+        // Format 1 is format 2 without the trailing tag: an empty tag is one zero octet.
+        Some(&FORMAT_V1) => decode_binding_body(&[&v[1..], &[0u8][..]].concat()),
         Some(&other) => Err(StoreError(format!(
             "a contact value has format version {other}; this sipd reads version {FORMAT_VERSION} \
              (written by a {} sipd)",
@@ -168,6 +164,18 @@ pub fn decode_binding(v: &[u8]) -> Result<Binding, StoreError> {
             }
         ))),
     }
+}
+
+fn decode_binding_body(v: &[u8]) -> Result<Binding, StoreError> {
+    let (b, used): (Binding, usize) = bincode::decode_from_slice(v, BINCODE_CONFIG)
+        .map_err(|e| StoreError(format!("a contact value does not decode: {e}")))?;
+    if used != v.len() {
+        return Err(StoreError(format!(
+            "a contact value has {} octets after the binding",
+            v.len() - used
+        )));
+    }
+    Ok(b)
 }
 
 /// The row a change record touches: (AoR, key).
@@ -225,6 +233,12 @@ impl Store {
             .map_err(|e| db_err(&self.dir, "read format", e))?
         {
             Some(v) if v.as_slice() == [FORMAT_VERSION] => Ok(()),
+            // Format 1 rows stay readable; from now on format 2 rows are written, which
+            // an older sipd would refuse, so the marker moves on.
+            Some(v) if v.as_slice() == [FORMAT_V1] => self
+                .db
+                .put_cf(node, KEY_FORMAT, [FORMAT_VERSION])
+                .map_err(|e| db_err(&self.dir, "write format", e)),
             Some(v) => Err(StoreError(format!(
                 "data directory {} has store format {:?}; this sipd reads format {FORMAT_VERSION} \
                  (move the directory away, or run the sipd that wrote it)",
@@ -254,7 +268,7 @@ impl Store {
     fn check_identity(&self, node_id: u16, cluster_id: u32) -> Result<(), StoreError> {
         let node = self.cf(CF_NODE);
         let mine = {
-            let mut v = vec![FORMAT_VERSION];
+            let mut v = vec![ROW_V1];
             let _ = bincode::encode_into_std_write((node_id, cluster_id), &mut v, BINCODE_CONFIG);
             v
         };
@@ -407,7 +421,7 @@ impl Store {
                 ))
             })?;
             let (term, holder): (u64, u16) = match v.first() {
-                Some(&FORMAT_VERSION) => bincode::decode_from_slice(&v[1..], BINCODE_CONFIG)
+                Some(&ROW_V1) => bincode::decode_from_slice(&v[1..], BINCODE_CONFIG)
                     .map(|(x, _)| x)
                     .map_err(|e| {
                         StoreError(format!(
@@ -432,7 +446,7 @@ impl Store {
         let cf = self.cf(CF_TAG_TERMS);
         let mut b = WriteBatch::default();
         for (name, term, holder) in tags {
-            let mut v = vec![FORMAT_VERSION];
+            let mut v = vec![ROW_V1];
             let _ = bincode::encode_into_std_write(
                 (*term, holder.unwrap_or(0)),
                 &mut v,

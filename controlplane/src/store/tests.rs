@@ -53,6 +53,7 @@ fn bind(contact: &str, instance: &str, reg_id: u32, expires_at: u32, version: u6
         path: b"<sip:edge.example.com;lr>",
         instance: instance.as_bytes(),
         user_agent: b"ua/1",
+        tag: b"",
         expires_at,
         cseq: version as u32,
         q: Q_NONE,
@@ -185,6 +186,7 @@ fn binding_values_round_trip_and_other_versions_are_refused() {
         path: b"<sip:p1.example.com;lr>,<sip:p2.example.com;lr>",
         instance: b"\"<urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6>\"",
         user_agent: b"Phone/2.0\0nul",
+        tag: b"",
         expires_at: 1_800_000_000,
         cseq: 4242,
         q: 750,
@@ -202,12 +204,27 @@ fn binding_values_round_trip_and_other_versions_are_refused() {
     p.q = Q_NONE;
     p.reg_id = 0;
     p.flags = 1;
+    p.tag = b"vip";
     let v6 = Binding::new(p);
+    assert_eq!(v6.tag(), b"vip");
+
+    // A row written by format 1 (no trailing tag) still reads, untagged.
+    let v1 = {
+        let mut v = encode_binding(&v4);
+        assert_eq!(
+            v.pop(),
+            Some(0),
+            "an empty tag is one zero octet at the end"
+        );
+        v[0] = 1;
+        v
+    };
+    assert_eq!(decode_binding(&v1).unwrap(), v4);
 
     for b in [&v4, &v6] {
         let v = encode_binding(b);
         assert_eq!(v[0], FORMAT_VERSION);
-        assert_eq!(FORMAT_VERSION, 1);
+        assert_eq!(FORMAT_VERSION, 2);
         let d = decode_binding(&v).unwrap();
         assert_eq!(&d, b);
         assert_eq!(d.contact(), b.contact());
@@ -248,9 +265,9 @@ fn binding_values_round_trip_and_other_versions_are_refused() {
     let good = encode_binding(&v4);
     // Another version octet in front of an otherwise valid binding.
     let mut newer = good.clone();
-    newer[0] = 2;
+    newer[0] = 3;
     let e = decode_binding(&newer).unwrap_err().0;
-    assert!(e.contains("format version 2"), "{e}");
+    assert!(e.contains("format version 3"), "{e}");
     assert!(e.contains("newer"), "{e}");
     assert!(!e.contains("older"), "{e}");
     let mut newest = good.clone();
@@ -433,7 +450,7 @@ fn format_marker_and_identity_are_checked() {
     }
     let e = Store::open(dir, 1, 1).err().unwrap().0;
     assert!(e.contains("store format [9]"), "{e}");
-    assert!(e.contains("reads format 1"), "{e}");
+    assert!(e.contains("reads format 2"), "{e}");
 
     // No marker, but contacts: not a store this build wrote.
     {
@@ -452,6 +469,23 @@ fn format_marker_and_identity_are_checked() {
     }
     let s = Store::open(dir, 1, 1).unwrap();
     assert_eq!(rows(&s).len(), 1);
+    drop(s);
+
+    // A format 1 store opens (its rows read as untagged) and is marked format 2.
+    let marker = || {
+        let db = DB::open_cf(&rocksdb::Options::default(), dir, FAMILIES).unwrap();
+        let node = db.cf_handle(CF_NODE).unwrap();
+        db.get_cf(node, b"format").unwrap().unwrap()
+    };
+    {
+        let db = DB::open_cf(&rocksdb::Options::default(), dir, FAMILIES).unwrap();
+        let node = db.cf_handle(CF_NODE).unwrap();
+        db.put_cf(node, b"format", [1]).unwrap();
+    }
+    let s = Store::open(dir, 1, 1).unwrap();
+    assert_eq!(rows(&s).len(), 1);
+    drop(s);
+    assert_eq!(marker(), [FORMAT_VERSION]);
 }
 
 // 4. Recovery.
@@ -544,7 +578,7 @@ fn load_contacts_refuses_a_row_of_another_version() {
     let store = Store::open(tmp.path(), 1, 1).unwrap();
     let b = bind("sip:a", "", 0, 1000, 1);
     let mut v = encode_binding(&b);
-    v[0] = 2;
+    v[0] = 3;
     let mut batch = WriteBatch::default();
     batch.put_cf(store.contacts(), key_of(b"a", &b), v);
     store.write(batch, false).unwrap();
@@ -552,7 +586,7 @@ fn load_contacts_refuses_a_row_of_another_version() {
         .load_contacts(&Usrloc::new(0), 0, |_, _| {})
         .unwrap_err()
         .0;
-    assert!(e.contains("format version 2"), "{e}");
+    assert!(e.contains("format version 3"), "{e}");
     assert!(e.contains(&tmp.path().display().to_string()), "{e}");
 }
 

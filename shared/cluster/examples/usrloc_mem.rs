@@ -74,6 +74,7 @@ impl Gen {
             path: b"",
             instance: b"",
             user_agent: b"",
+            tag: b"",
             expires_at,
             cseq,
             q: Q_NONE,

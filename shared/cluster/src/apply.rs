@@ -211,6 +211,7 @@ mod tests {
             path: b"",
             instance: instance.as_bytes(),
             user_agent: b"",
+            tag: b"",
             expires_at: 1_800_000_000,
             cseq: version as u32,
             q: Q_NONE,

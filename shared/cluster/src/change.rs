@@ -25,6 +25,8 @@ pub enum RemoveReason {
     Replaced,
     /// Removed by an administrator.
     Admin,
+    /// It stopped answering NAT keepalive pings.
+    Unreachable,
 }
 
 /// One change, owned form (what a consumer decodes).
@@ -277,6 +279,7 @@ mod tests {
             path: b"<sip:edge1.example.com;lr>",
             instance: b"<urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6>",
             user_agent: b"Linphone/5.0",
+            tag: b"",
             expires_at: 1_800_000_000,
             cseq: 7,
             q: Q_NONE,

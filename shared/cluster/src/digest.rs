@@ -124,6 +124,7 @@ mod tests {
             path: b"",
             instance: b"",
             user_agent: b"",
+            tag: b"",
             expires_at: 1_800_000_000,
             cseq: 3,
             q: Q_NONE,

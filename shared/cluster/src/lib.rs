@@ -21,6 +21,7 @@
 pub mod apply;
 pub mod change;
 pub mod digest;
+pub mod keepalive;
 pub mod ownership;
 pub mod ring;
 pub mod sweep;

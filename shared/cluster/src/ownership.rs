@@ -8,7 +8,14 @@
 //! a generation counter used as a sequence lock makes a reader see the bits of one
 //! publication only: the writer makes the generation odd, stores the bits, makes it even
 //! again; a reader retries while the generation is odd or changed under it. A check costs
-//! three atomic loads and no lock.
+//! a handful of atomic loads and no lock.
+//!
+//! Hand-over at a boundary: a change of who acts is published ahead of the instant it
+//! takes effect. A tag slot carries the wall-clock window `[from, until)` in which this
+//! node acts for it, and the bucket assignment carries the previous assignment and the
+//! instant it gives way to the new one. An action is checked at the time it is *due*
+//! (e.g. the scheduled time of a keepalive ping), so two nodes that agree on the
+//! boundary never both act, nor both skip, whatever the moment each one learned of it.
 //!
 //! This module is one of the crate's two islands of `unsafe` (the mapping is viewed as the
 //! layout); each block says why it is sound.
@@ -27,7 +34,7 @@ pub const TAG_SLOTS: usize = 256;
 const BUCKET_WORDS: usize = BUCKETS / 64;
 const TAG_WORDS: usize = TAG_SLOTS / 64;
 const MAGIC: u64 = u64::from_le_bytes(*b"SIPMOWN1");
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 
 /// The layout of the segment.
 #[repr(C)]
@@ -42,10 +49,18 @@ pub struct Layout {
     /// Bit `i`: tag slot `i` is active on several nodes at once, which split its objects
     /// by bucket (the node-wide default tag); clear: one active node acts on all of them.
     shared: [AtomicU64; TAG_WORDS],
-    /// Bit `b`: this node acts on partition bucket `b`.
+    /// Bit `b`: this node acts on partition bucket `b` from `buckets_from` on.
     buckets: [AtomicU64; BUCKET_WORDS],
+    /// The assignment before `buckets_from`.
+    buckets_prev: [AtomicU64; BUCKET_WORDS],
+    /// Wall-clock ms at which `buckets` replaces `buckets_prev`.
+    buckets_from: AtomicU64,
     /// Term under which each tag slot's state was decided.
     terms: [AtomicU64; TAG_SLOTS],
+    /// Wall-clock ms from which this node acts for each tag slot.
+    from: [AtomicU64; TAG_SLOTS],
+    /// Wall-clock ms from which it no longer does.
+    until: [AtomicU64; TAG_SLOTS],
 }
 
 /// Size of the segment in bytes.
@@ -58,10 +73,18 @@ pub struct Ownership {
     pub tags: [u64; TAG_WORDS],
     /// Tag slots whose objects are split by bucket.
     pub shared: [u64; TAG_WORDS],
-    /// Buckets this node acts on.
+    /// Buckets this node acts on from `buckets_from` on.
     pub buckets: [u64; BUCKET_WORDS],
+    /// Buckets it acts on before `buckets_from`.
+    pub buckets_prev: [u64; BUCKET_WORDS],
+    /// Wall-clock ms of the bucket hand-over (0: `buckets` always).
+    pub buckets_from: u64,
     /// Term of each tag slot.
     pub terms: Vec<u64>,
+    /// Wall-clock window `[from, until)` of each tag slot (while its bit is set).
+    pub from: Vec<u64>,
+    /// See `from`.
+    pub until: Vec<u64>,
 }
 
 impl Default for Ownership {
@@ -70,15 +93,31 @@ impl Default for Ownership {
             tags: [0; TAG_WORDS],
             shared: [0; TAG_WORDS],
             buckets: [0; BUCKET_WORDS],
+            buckets_prev: [0; BUCKET_WORDS],
+            buckets_from: 0,
             terms: vec![0; TAG_SLOTS],
+            from: vec![0; TAG_SLOTS],
+            until: vec![u64::MAX; TAG_SLOTS],
         }
     }
 }
 
+#[inline]
+fn bit(words: &[u64], i: usize) -> bool {
+    words[i / 64] >> (i % 64) & 1 == 1
+}
+
 impl Ownership {
-    /// Marks tag slot `slot` active with `term`.
+    /// Marks tag slot `slot` active with `term`, for all time.
     pub fn set_tag(&mut self, slot: usize, active: bool, term: u64) {
+        self.set_tag_window(slot, active, term, 0, u64::MAX);
+    }
+
+    /// Marks tag slot `slot` active with `term` in the wall-clock window `[from, until)`.
+    pub fn set_tag_window(&mut self, slot: usize, active: bool, term: u64, from: u64, until: u64) {
         if slot < TAG_SLOTS {
+            self.from[slot] = from;
+            self.until[slot] = until;
             let (w, b) = (slot / 64, slot % 64);
             if active {
                 self.tags[w] |= 1 << b;
@@ -101,10 +140,23 @@ impl Ownership {
         }
     }
 
-    /// Whether this node acts on an object of tag slot `tag` in bucket `bucket`.
-    pub fn acts_on(&self, tag: usize, bucket: usize) -> bool {
-        self.tag_active(tag)
-            && (self.shared[tag / 64] >> (tag % 64) & 1 == 0 || self.bucket_mine(bucket))
+    /// Whether this node acts, at wall-clock `at_ms`, on an object of tag slot `tag` in
+    /// bucket `bucket`.
+    pub fn acts_on_at(&self, tag: usize, bucket: usize, at_ms: u64) -> bool {
+        tag < TAG_SLOTS
+            && bucket < BUCKETS
+            && bit(&self.tags, tag)
+            && self.from[tag] <= at_ms
+            && at_ms < self.until[tag]
+            && (!bit(&self.shared, tag)
+                || bit(
+                    if at_ms < self.buckets_from {
+                        &self.buckets_prev
+                    } else {
+                        &self.buckets
+                    },
+                    bucket,
+                ))
     }
 
     /// Marks bucket `b` as acted on here.
@@ -132,6 +184,18 @@ impl Ownership {
     pub fn bucket_count(&self) -> usize {
         self.buckets.iter().map(|w| w.count_ones() as usize).sum()
     }
+}
+
+/// Longest sharing tag name.
+pub const MAX_TAG_NAME: usize = 64;
+
+/// Whether `name` is a sharing tag name: 1 to 64 of A-Z a-z 0-9 - _ .
+pub fn is_tag_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TAG_NAME
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
 }
 
 /// Bucket of an object key (AoR, dialog id ...): FNV-1a, then a multiplicative mix.
@@ -305,7 +369,17 @@ impl Segment {
         for (a, v) in l.buckets.iter().zip(o.buckets) {
             a.store(v, Ordering::Relaxed);
         }
+        for (a, v) in l.buckets_prev.iter().zip(o.buckets_prev) {
+            a.store(v, Ordering::Relaxed);
+        }
+        l.buckets_from.store(o.buckets_from, Ordering::Relaxed);
         for (a, v) in l.terms.iter().zip(&o.terms) {
+            a.store(*v, Ordering::Relaxed);
+        }
+        for (a, v) in l.from.iter().zip(&o.from) {
+            a.store(*v, Ordering::Relaxed);
+        }
+        for (a, v) in l.until.iter().zip(&o.until) {
             a.store(*v, Ordering::Relaxed);
         }
         l.generation
@@ -332,12 +406,13 @@ impl Segment {
         }
     }
 
-    /// Whether this node acts on an object of tag slot `tag` and bucket `bucket`: the tag
-    /// is active here and — for a tag shared by several active nodes — the bucket is
-    /// assigned here, in the same publication. The returned generation fences the action
-    /// (act only if it is still current).
+    /// Whether this node acts, at wall-clock `at_ms`, on an object of tag slot `tag` and
+    /// bucket `bucket`: the tag is active here in a window holding `at_ms` and — for a
+    /// tag shared by several active nodes — the bucket is assigned here at `at_ms`, all
+    /// in one publication. `at_ms` is when the action is due, not when it runs. The
+    /// returned generation fences the action (act only if it is still current).
     #[inline]
-    pub fn acts_on(&self, tag: usize, bucket: usize) -> (bool, u64) {
+    pub fn acts_on_at(&self, tag: usize, bucket: usize, at_ms: u64) -> (bool, u64) {
         let (tw, tb) = (tag / 64, tag % 64);
         let (bw, bb) = (bucket / 64, bucket % 64);
         if tag >= TAG_SLOTS || bucket >= BUCKETS {
@@ -345,8 +420,16 @@ impl Segment {
         }
         self.read(|l| {
             l.tags[tw].load(Ordering::Relaxed) >> tb & 1 == 1
-                && (l.shared[tw].load(Ordering::Relaxed) >> tb & 1 == 0
-                    || l.buckets[bw].load(Ordering::Relaxed) >> bb & 1 == 1)
+                && l.from[tag].load(Ordering::Relaxed) <= at_ms
+                && at_ms < l.until[tag].load(Ordering::Relaxed)
+                && (l.shared[tw].load(Ordering::Relaxed) >> tb & 1 == 0 || {
+                    let words = if at_ms < l.buckets_from.load(Ordering::Relaxed) {
+                        &l.buckets_prev
+                    } else {
+                        &l.buckets
+                    };
+                    words[bw].load(Ordering::Relaxed) >> bb & 1 == 1
+                })
         })
     }
 
@@ -356,7 +439,11 @@ impl Segment {
             tags: std::array::from_fn(|i| l.tags[i].load(Ordering::Relaxed)),
             shared: std::array::from_fn(|i| l.shared[i].load(Ordering::Relaxed)),
             buckets: std::array::from_fn(|i| l.buckets[i].load(Ordering::Relaxed)),
+            buckets_prev: std::array::from_fn(|i| l.buckets_prev[i].load(Ordering::Relaxed)),
+            buckets_from: l.buckets_from.load(Ordering::Relaxed),
             terms: l.terms.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
+            from: l.from.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
+            until: l.until.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
         })
     }
 }
@@ -371,7 +458,10 @@ mod tests {
     fn publish_and_check() {
         let s = Segment::anonymous(3).unwrap();
         assert_eq!(s.node_id(), 3);
-        assert!(!s.acts_on(0, 0).0, "nothing is owned before a publication");
+        assert!(
+            !s.acts_on_at(0, 0, 1).0,
+            "nothing is owned before a publication"
+        );
         let mut o = Ownership::default();
         o.set_tag(2, true, 7);
         o.set_shared(2, true);
@@ -380,18 +470,56 @@ mod tests {
         o.set_bucket(1023, true);
         s.publish(&o);
         // An exclusive tag: every bucket.
-        assert!(s.acts_on(4, 6).0 && o.acts_on(4, 6));
+        assert!(s.acts_on_at(4, 6, 1).0 && o.acts_on_at(4, 6, 1));
         assert_eq!(s.generation(), 2);
-        assert!(s.acts_on(2, 5).0);
-        assert!(s.acts_on(2, 1023).0);
-        assert!(!s.acts_on(2, 6).0 && !o.acts_on(2, 6));
-        assert!(!s.acts_on(3, 5).0);
-        assert!(!s.acts_on(TAG_SLOTS, 5).0 && !s.acts_on(2, BUCKETS).0);
+        assert!(s.acts_on_at(2, 5, 1).0);
+        assert!(s.acts_on_at(2, 1023, 1).0);
+        assert!(!s.acts_on_at(2, 6, 1).0 && !o.acts_on_at(2, 6, 1));
+        assert!(!s.acts_on_at(3, 5, 1).0);
+        assert!(!s.acts_on_at(TAG_SLOTS, 5, 1).0 && !s.acts_on_at(2, BUCKETS, 1).0);
         let (snap, g) = s.snapshot();
         assert_eq!(g, 2);
         assert_eq!(snap, o);
         assert_eq!(snap.terms[2], 7);
         assert_eq!(snap.bucket_count(), 2);
+    }
+
+    /// A hand-over at a boundary: the check answers by the time an action is due, so
+    /// the node giving a tag away and the one taking it never overlap nor leave a gap,
+    /// and a bucket moving between assignments changes hands at `buckets_from`.
+    #[test]
+    fn windows_and_bucket_hand_over_decide_by_the_due_time() {
+        let (giver, taker) = (
+            Segment::anonymous(1).unwrap(),
+            Segment::anonymous(2).unwrap(),
+        );
+        let boundary = 10_000;
+        let mut g = Ownership::default();
+        g.set_tag_window(3, true, 4, 0, boundary);
+        let mut t = Ownership::default();
+        t.set_tag_window(3, true, 5, boundary, u64::MAX);
+        giver.publish(&g);
+        taker.publish(&t);
+        for at in [0, 1, boundary - 1, boundary, boundary + 1, u64::MAX - 1] {
+            let (a, b) = (giver.acts_on_at(3, 7, at).0, taker.acts_on_at(3, 7, at).0);
+            assert!(a ^ b, "exactly one node acts at {at}");
+            assert_eq!(b, at >= boundary);
+            assert_eq!(a, g.acts_on_at(3, 7, at));
+        }
+        // Buckets of a shared tag: the previous assignment until the hand-over.
+        let mut o = Ownership::default();
+        o.set_tag(0, true, 0);
+        o.set_shared(0, true);
+        o.set_bucket(5, true);
+        o.buckets_prev = o.buckets;
+        o.set_bucket(5, false);
+        o.set_bucket(6, true);
+        o.buckets_from = boundary;
+        let s = Segment::anonymous(1).unwrap();
+        s.publish(&o);
+        assert!(s.acts_on_at(0, 5, boundary - 1).0 && !s.acts_on_at(0, 5, boundary).0);
+        assert!(!s.acts_on_at(0, 6, boundary - 1).0 && s.acts_on_at(0, 6, boundary).0);
+        assert_eq!(s.snapshot().0, o);
     }
 
     #[test]
@@ -408,7 +536,7 @@ mod tests {
         let r = Segment::open(&path).unwrap();
         assert_eq!(r.node_id(), 9);
         assert_eq!(r.snapshot().0, o);
-        assert!(r.acts_on(0, 10).0 && !r.acts_on(0, BUCKETS - 1).0);
+        assert!(r.acts_on_at(0, 10, 1).0 && !r.acts_on_at(0, BUCKETS - 1, 1).0);
         std::fs::write(&path, b"short").unwrap();
         drop((w, r));
         assert!(Segment::open(&path).is_err());
@@ -453,7 +581,7 @@ mod tests {
                             panic!("a torn publication at generation {g}");
                         }
                         // The single-bit check agrees with the publication it came from.
-                        let (x, g2) = s.acts_on(0, 0);
+                        let (x, g2) = s.acts_on_at(0, 0, 1);
                         assert_eq!(x, g2 % 4 == 2, "generation {g2}");
                     }
                     seen

@@ -493,6 +493,7 @@ mod tests {
             path: &b"<sip:edge;lr>"[..(i % 14) as usize],
             instance: b"",
             user_agent: b"",
+            tag: b"",
             expires_at: i as u32,
             cseq: i as u32,
             q: Q_NONE,

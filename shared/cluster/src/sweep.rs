@@ -11,7 +11,7 @@
 use crate::NodeId;
 use crate::change::{ChangeRecordRef, ChangeRef, RemoveReason, next_version};
 use crate::ring::ChangeProducer;
-use crate::usrloc::{AorRecord, Update, Usrloc};
+use crate::usrloc::{AorRecord, Binding, Update, Usrloc};
 
 /// The `worker` part of versions made by the sweep (workers use their index).
 pub const SWEEP_WORKER: u16 = u16::MAX;
@@ -29,15 +29,16 @@ pub struct SweepReport {
     pub deferred: u64,
 }
 
-/// Removes every binding with `expires_at + grace_s <= now_s` of the AoRs for which
-/// `acts_on(aor)` holds, pushing one `Expired` removal record per binding to `ring`
-/// (origin `node`). An AoR whose records do not fit in the ring is left for next time.
+/// Removes every binding with `expires_at + grace_s <= now_s` for which
+/// `acts_on(aor, binding)` holds, pushing one `Expired` removal record per binding to
+/// `ring` (origin `node`). An AoR whose records do not fit in the ring is left for next
+/// time.
 pub fn sweep_expired(
     usrloc: &Usrloc,
     now_ms: u64,
     grace_s: u32,
     node: NodeId,
-    acts_on: impl Fn(&[u8]) -> bool,
+    acts_on: impl Fn(&[u8], &Binding) -> bool,
     ring: &mut ChangeProducer,
 ) -> SweepReport {
     let now_s = (now_ms / 1000) as u32;
@@ -50,28 +51,66 @@ pub fn sweep_expired(
             due.push(k.clone());
         }
     });
-    let mut last_version = 0u64;
+    let mut remover = Remover::new(node, RemoveReason::Expired);
     for aor in due {
-        if !acts_on(&aor) {
-            report.not_owner += usrloc.read(&aor, |r| {
-                r.map_or(0, |r| {
-                    r.bindings()
-                        .iter()
-                        .filter(|b| b.expires_at <= cutoff)
-                        .count() as u64
-                })
-            });
-            continue;
+        report.not_owner += usrloc.read(&aor, |r| {
+            r.map_or(0, |r| {
+                r.bindings()
+                    .iter()
+                    .filter(|b| b.expires_at <= cutoff && !acts_on(&aor, b))
+                    .count() as u64
+            })
+        });
+        match remover.remove(usrloc, &aor, now_ms, ring, |b| {
+            b.expires_at <= cutoff && acts_on(&aor, b)
+        }) {
+            Ok(n) => report.removed += n,
+            Err(n) => report.deferred += n,
         }
+    }
+    report
+}
+
+/// Removes bindings as versioned change records of this node (the sweep's expiries, the
+/// keepalive's removals of contacts that stopped answering), so that they are
+/// replicated and persisted like a worker's.
+#[derive(Debug)]
+pub struct Remover {
+    node: NodeId,
+    reason: RemoveReason,
+    last_version: u64,
+}
+
+impl Remover {
+    /// Removals by `node` for `reason`.
+    pub fn new(node: NodeId, reason: RemoveReason) -> Remover {
+        Remover {
+            node,
+            reason,
+            last_version: 0,
+        }
+    }
+
+    /// Removes the bindings of `aor` matching `gone`, pushing a record for each to
+    /// `ring`: `Ok(removed)`, or `Err(count)` when their records do not fit in the ring
+    /// (then nothing changes).
+    pub fn remove(
+        &mut self,
+        usrloc: &Usrloc,
+        aor: &[u8],
+        now_ms: u64,
+        ring: &mut ChangeProducer,
+        gone: impl Fn(&Binding) -> bool,
+    ) -> Result<u64, u64> {
         let free = ring.free_bytes();
-        let out = usrloc.update(&aor, |old| {
+        let (node, reason, last_version) = (self.node, self.reason, self.last_version);
+        let out = usrloc.update(aor, |old| {
             let Some(old) = old else {
-                return Update::Keep(None);
+                return Update::Keep(Ok(Vec::new()));
             };
-            let (gone, kept): (Vec<_>, Vec<_>) =
-                old.bindings().iter().partition(|b| b.expires_at <= cutoff);
+            let (gone, kept): (Vec<_>, Vec<_>) = old.bindings().iter().partition(|b| gone(b));
             if gone.is_empty() {
-                return Update::Keep(None);
+                return Update::Keep(Ok(Vec::new()));
             }
             let mut version = last_version;
             let mut records = Vec::with_capacity(gone.len());
@@ -83,37 +122,33 @@ pub fn sweep_expired(
                     version,
                     at_ms: now_ms,
                     change: ChangeRef::BindingRemove {
-                        aor: &aor,
+                        aor,
                         contact: b.contact(),
                         instance: b.instance(),
                         reg_id: b.reg_id,
-                        reason: RemoveReason::Expired,
+                        reason,
                     },
                 };
                 need += ChangeProducer::frame_len(&rec);
                 records.push(rec.to_owned_record());
             }
             if need > free {
-                return Update::Keep(Some(Err(gone.len() as u64)));
+                return Update::Keep(Err(gone.len() as u64));
             }
             let kept: Vec<_> = kept.into_iter().cloned().collect();
-            Update::Replace(AorRecord::new(kept), Some(Ok(records)))
+            Update::Replace(AorRecord::new(kept), Ok(records))
         });
-        match out.value {
-            None => {}
-            Some(Err(n)) => report.deferred += n,
-            Some(Ok(records)) => {
-                for r in &records {
-                    last_version = last_version.max(r.version);
-                    // Sized against the free space above; only this producer pushes.
-                    if ring.push(&r.as_ref()).is_ok() {
-                        report.removed += 1;
-                    }
-                }
+        let records = out.value?;
+        let mut removed = 0;
+        for r in &records {
+            self.last_version = self.last_version.max(r.version);
+            // Sized against the free space above; only this producer pushes.
+            if ring.push(&r.as_ref()).is_ok() {
+                removed += 1;
             }
         }
+        Ok(removed)
     }
-    report
 }
 
 #[cfg(test)]
@@ -121,7 +156,7 @@ mod tests {
     use super::*;
     use crate::change::Change;
     use crate::ring::change_ring;
-    use crate::usrloc::{Binding, BindingParts, Q_NONE, TRANSPORT_UDP};
+    use crate::usrloc::{BindingParts, Q_NONE, TRANSPORT_UDP};
 
     fn b(contact: &str, expires_at: u32, version: u64) -> Binding {
         Binding::new(BindingParts {
@@ -130,6 +165,7 @@ mod tests {
             path: b"",
             instance: b"",
             user_agent: b"",
+            tag: b"",
             expires_at,
             cseq: 1,
             q: Q_NONE,
@@ -169,7 +205,7 @@ mod tests {
             Update::Replace(AorRecord::single(b("sip:d1", now_s - 100, 9)), ())
         });
         let (mut p, mut c) = change_ring(1 << 16);
-        let r = sweep_expired(&u, now_ms, 30, NodeId(2), |aor| aor != b"d@x", &mut p);
+        let r = sweep_expired(&u, now_ms, 30, NodeId(2), |aor, _| aor != b"d@x", &mut p);
         assert_eq!(
             r,
             SweepReport {
@@ -200,7 +236,7 @@ mod tests {
             assert!(rec.version > 7);
         }
         // Nothing left to do.
-        let r = sweep_expired(&u, now_ms, 30, NodeId(2), |aor| aor != b"d@x", &mut p);
+        let r = sweep_expired(&u, now_ms, 30, NodeId(2), |aor, _| aor != b"d@x", &mut p);
         assert_eq!((r.removed, r.deferred), (0, 0));
     }
 
@@ -225,7 +261,7 @@ mod tests {
             },
         };
         while p.push(&rec).is_ok() {}
-        let r = sweep_expired(&u, now_ms, 30, NodeId(2), |_| true, &mut p);
+        let r = sweep_expired(&u, now_ms, 30, NodeId(2), |_, _| true, &mut p);
         assert_eq!((r.removed, r.deferred), (0, 1));
         assert!(
             u.read(b"a@x", |r| r.is_some()),

@@ -28,6 +28,14 @@ pub const Q_NONE: u16 = u16::MAX;
 /// Maximum length of each variable-length field of a [`Binding`] (lengths are stored as `u16`).
 pub const MAX_FIELD_LEN: usize = u16::MAX as usize;
 
+/// Maximum length of a binding's sharing tag name (its length is stored as `u8`).
+pub const MAX_TAG_LEN: usize = u8::MAX as usize;
+
+/// [`Binding::flags`] bit: the contact gets NAT keepalive pings (set at registration).
+pub const FLAG_KEEPALIVE: u8 = 1;
+/// [`Binding::flags`] bit: the registration looked NATed (source differs from Contact/Via).
+pub const FLAG_NATED: u8 = 2;
+
 /// Transport code: UDP.
 pub const TRANSPORT_UDP: u8 = 0;
 /// Transport code: TCP.
@@ -57,6 +65,9 @@ pub struct BindingParts<'a> {
     pub instance: &'a [u8],
     /// User-Agent (may be empty).
     pub user_agent: &'a [u8],
+    /// Sharing tag the binding was created under (empty: the node-wide default tag);
+    /// at most [`MAX_TAG_LEN`] bytes.
+    pub tag: &'a [u8],
     /// Absolute expiry, unix seconds.
     pub expires_at: u32,
     /// CSeq number of the REGISTER.
@@ -103,8 +114,8 @@ impl std::error::Error for FieldTooLong {}
 /// One registered contact, in a compact form (64 bytes + one heap buffer).
 ///
 /// All variable-length data lives in one boxed buffer laid out as
-/// `[ipv6 octets, IPv6 sources only][contact][call_id][path][instance][user_agent]`; an IPv4
-/// source address is kept inline.
+/// `[ipv6 octets, IPv6 sources only][contact][call_id][path][instance][user_agent][tag]`;
+/// an IPv4 source address is kept inline.
 ///
 /// The fixed fields are public; the strings and the source address are read through
 /// accessors. To change a string, rebuild with [`Binding::parts`] + [`Binding::new`].
@@ -136,6 +147,8 @@ pub struct Binding {
     ip4: [u8; 4],
     /// `TAG_V4` or `TAG_V6`.
     family: u8,
+    /// Length of the sharing tag at the end of `data`.
+    tag_len: u8,
 }
 
 impl Binding {
@@ -162,7 +175,13 @@ impl Binding {
             ("instance", p.instance),
             ("user_agent", p.user_agent),
         ];
-        let mut total = 0usize;
+        if p.tag.len() > MAX_TAG_LEN {
+            return Err(FieldTooLong {
+                field: "tag",
+                len: p.tag.len(),
+            });
+        }
+        let mut total = p.tag.len();
         for (field, s) in fields {
             if s.len() > MAX_FIELD_LEN {
                 return Err(FieldTooLong {
@@ -183,6 +202,7 @@ impl Binding {
         for (_, s) in fields {
             data.extend_from_slice(s);
         }
+        data.extend_from_slice(p.tag);
         Ok(Binding {
             data: data.into_boxed_slice(),
             version: p.version,
@@ -204,6 +224,8 @@ impl Binding {
             flags: p.flags,
             ip4,
             family,
+            // Checked above: fits in u8.
+            tag_len: p.tag.len() as u8,
         })
     }
 
@@ -215,6 +237,7 @@ impl Binding {
             path: self.path(),
             instance: self.instance(),
             user_agent: self.user_agent(),
+            tag: self.tag(),
             expires_at: self.expires_at,
             cseq: self.cseq,
             q: self.q,
@@ -237,13 +260,13 @@ impl Binding {
     #[inline]
     fn field(&self, i: usize) -> &[u8] {
         let mut start = self.ip_len();
-        for l in &self.lens[..i] {
+        for l in self.lens.iter().take(i) {
             start += *l as usize;
         }
         let end = if i < 4 {
             start + self.lens[i] as usize
         } else {
-            self.data.len()
+            self.data.len().saturating_sub(self.tag_len as usize)
         };
         self.data.get(start..end).unwrap_or(&[])
     }
@@ -276,6 +299,19 @@ impl Binding {
     #[inline]
     pub fn user_agent(&self) -> &[u8] {
         self.field(4)
+    }
+
+    /// Sharing tag the binding was created under (empty: the node-wide default tag).
+    #[inline]
+    pub fn tag(&self) -> &[u8] {
+        let start = self.data.len().saturating_sub(self.tag_len as usize);
+        self.data.get(start..).unwrap_or(&[])
+    }
+
+    /// Whether the contact gets NAT keepalive pings.
+    #[inline]
+    pub fn keepalive(&self) -> bool {
+        self.flags & FLAG_KEEPALIVE != 0
     }
 
     /// IP address the REGISTER came from.
@@ -317,6 +353,7 @@ impl fmt::Debug for Binding {
             .field("path", &s(self.path()))
             .field("instance", &s(self.instance()))
             .field("user_agent", &s(self.user_agent()))
+            .field("tag", &s(self.tag()))
             .field("expires_at", &self.expires_at)
             .field("cseq", &self.cseq)
             .field("q", &self.q)
@@ -334,7 +371,7 @@ impl fmt::Debug for Binding {
 // Wire form (bincode 2): family tag u8 (4|6), ip octets (4|16, raw), port u16, contact,
 // call_id, path, instance, user_agent (each a byte slice: varint length + bytes),
 // expires_at u32, cseq u32, q u16, reg_id u32, transport u8, flags u8, version u64,
-// origin NodeId, last_modified u32. Encoding borrows and never allocates.
+// origin NodeId, last_modified u32, tag (byte slice). Encoding borrows and never allocates.
 impl Encode for Binding {
     fn encode<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
         self.family.encode(e)?;
@@ -357,7 +394,8 @@ impl Encode for Binding {
         self.flags.encode(e)?;
         self.version.encode(e)?;
         self.origin.encode(e)?;
-        self.last_modified.encode(e)
+        self.last_modified.encode(e)?;
+        self.tag().encode(e)
     }
 }
 
@@ -403,21 +441,37 @@ impl<Ctx> Decode<Ctx> for Binding {
             *l = decode_bytes_into(d, &mut data, MAX_FIELD_LEN)? as u16;
         }
         decode_bytes_into(d, &mut data, MAX_FIELD_LEN)?;
+        let (expires_at, cseq, q, reg_id) = (
+            u32::decode(d)?,
+            u32::decode(d)?,
+            u16::decode(d)?,
+            u32::decode(d)?,
+        );
+        let (transport, flags, version, origin, last_modified) = (
+            u8::decode(d)?,
+            u8::decode(d)?,
+            u64::decode(d)?,
+            NodeId::decode(d)?,
+            u32::decode(d)?,
+        );
+        // Bounded by MAX_TAG_LEN: fits in u8.
+        let tag_len = decode_bytes_into(d, &mut data, MAX_TAG_LEN)? as u8;
         Ok(Binding {
             data: data.into_boxed_slice(),
             port,
             lens,
-            expires_at: u32::decode(d)?,
-            cseq: u32::decode(d)?,
-            q: u16::decode(d)?,
-            reg_id: u32::decode(d)?,
-            transport: u8::decode(d)?,
-            flags: u8::decode(d)?,
-            version: u64::decode(d)?,
-            origin: NodeId::decode(d)?,
-            last_modified: u32::decode(d)?,
+            expires_at,
+            cseq,
+            q,
+            reg_id,
+            transport,
+            flags,
+            version,
+            origin,
+            last_modified,
             ip4,
             family,
+            tag_len,
         })
     }
 }
@@ -800,6 +854,7 @@ mod tests {
             path: b"",
             instance: b"",
             user_agent: b"",
+            tag: b"",
             expires_at,
             cseq: 1,
             q: Q_NONE,
@@ -837,6 +892,7 @@ mod tests {
             path: b"<sip:p1;lr>,<sip:p2;lr>",
             instance: b"\"<urn:uuid:00000000-0000-1000-8000-000A95A0E128>\"",
             user_agent: b"UA/1.0\0with nul",
+            tag: b"vip-1",
             expires_at: 1_700_000_000,
             cseq: 42,
             q: 500,
@@ -854,6 +910,7 @@ mod tests {
         assert_eq!(b.path(), p.path);
         assert_eq!(b.instance(), p.instance);
         assert_eq!(b.user_agent(), p.user_agent);
+        assert_eq!(b.tag(), b"vip-1");
         assert_eq!(b.source(), src);
         assert_eq!(
             (b.expires_at, b.cseq, b.q, b.reg_id),

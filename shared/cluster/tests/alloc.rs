@@ -25,6 +25,7 @@ fn binding(i: u32) -> Binding {
         path: b"",
         instance: b"",
         user_agent: b"",
+        tag: b"",
         expires_at: 1_800_000_000 + i,
         cseq: i,
         q: Q_NONE,

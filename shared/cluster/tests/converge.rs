@@ -47,6 +47,7 @@ fn binding(op: &Op, version: u64) -> Binding {
         path: b"",
         instance: instance.as_bytes(),
         user_agent: b"UA",
+        tag: b"",
         expires_at: op.expires_at,
         cseq: op.cseq,
         q: Q_NONE,
