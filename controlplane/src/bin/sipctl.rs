@@ -242,6 +242,10 @@ fn dump_segment(path: &std::path::Path, json: bool) {
     use sipmesh_cluster::ownership::{BUCKETS, Segment, TAG_SLOTS};
     let seg = Segment::open(path).unwrap_or_else(|e| fail(e));
     let (o, generation) = seg.snapshot();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let o = o.at(now);
     let slots = |bits: &[u64]| -> Vec<u64> {
         (0..TAG_SLOTS)
             .filter(|i| bits[i / 64] >> (i % 64) & 1 == 1)

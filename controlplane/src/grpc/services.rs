@@ -455,6 +455,11 @@ impl pb::admin_server::Admin for AdminSvc {
         use sipmesh_cluster::ownership::{BUCKETS, TAG_SLOTS};
         let seg = &self.0.segment;
         let (o, generation) = seg.snapshot();
+        // As it stands now (a hand-over under way shows on the side of its boundary).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let o = o.at(now);
         let slots = |bits: &[u64]| -> Vec<u32> {
             (0..TAG_SLOTS)
                 .filter(|i| bits[i / 64] >> (i % 64) & 1 == 1)

@@ -178,7 +178,7 @@ pub enum Action {
     /// Something to log.
     Event(Event),
     /// Write this ownership into the segment the workers read.
-    Publish(Ownership),
+    Publish(Box<Ownership>),
     /// Persist these tag terms: (name, term, holder).
     PersistTags(Vec<(String, u64, Option<NodeId>)>),
 }
@@ -652,7 +652,7 @@ impl Mesh {
         }
         if self.published.as_ref() != Some(&o) {
             self.published = Some(o.clone());
-            self.actions.push(Action::Publish(o));
+            self.actions.push(Action::Publish(Box::new(o)));
         }
         let changed = self.tags.take_changed();
         if !changed.is_empty() {

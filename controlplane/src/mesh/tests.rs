@@ -279,7 +279,7 @@ impl Net {
                 }
             }
             Action::Connect(i) => log.connects.push(i.id.0),
-            Action::Publish(o) => log.published.push((now, o)),
+            Action::Publish(o) => log.published.push((now, *o)),
             Action::PersistTags(t) => log.persisted_tags.extend(t),
             Action::Disconnect(id) => log.disconnects.push(id.0),
             Action::Apply { cap, batch, skip } => {

@@ -248,6 +248,9 @@ impl Default for Settings {
 }
 
 /// What the scheduler wants done.
+// Handed straight to the driver's callback, never stored: boxing the order would cost
+// an allocation per ping.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
     /// Hand this ping to a worker (`bucket % workers`).

@@ -159,6 +159,23 @@ impl Ownership {
                 ))
     }
 
+    /// What this publication means at wall-clock `at_ms`: the tags acting then and the
+    /// bucket assignment then, with no pending hand-over (for operators).
+    pub fn at(&self, at_ms: u64) -> Ownership {
+        let mut o = self.clone();
+        for slot in 0..TAG_SLOTS {
+            let acting =
+                bit(&self.tags, slot) && self.from[slot] <= at_ms && at_ms < self.until[slot];
+            o.set_tag_window(slot, acting, self.terms[slot], 0, u64::MAX);
+        }
+        if at_ms < self.buckets_from {
+            o.buckets = self.buckets_prev;
+        }
+        o.buckets_prev = [0; BUCKET_WORDS];
+        o.buckets_from = 0;
+        o
+    }
+
     /// Marks bucket `b` as acted on here.
     pub fn set_bucket(&mut self, b: usize, mine: bool) {
         if b < BUCKETS {
