@@ -124,4 +124,107 @@ fn hot_path_allocations() {
     let per_gated = a as f64 / n as f64;
     eprintln!("allocations per REGISTER refresh with sync durability: {per_gated:.2}");
     assert!(per_gated <= per + 0.05, "gated {per_gated} vs {per}");
+
+    keepalive_pings_and_their_answers_allocate_nothing();
+}
+
+/// A worker sending 1000 keepalive pings (ownership checked for each) and taking their
+/// 1000 answers allocates nothing.
+fn keepalive_pings_and_their_answers_allocate_nothing() {
+    use sipmesh_cluster::keepalive::{Acks, Action, Scheduler, Settings, order_ring};
+    use sipmesh_cluster::ownership::{Ownership, Segment};
+    use sipmesh_dataplane::pinger::{PingStats, Pinger};
+    use sipmesh_dataplane::registrar::KeepaliveMode;
+    use std::sync::Arc;
+
+    let cfg = RegistrarConfig {
+        keepalive: KeepaliveMode::All,
+        ..RegistrarConfig::default()
+    };
+    let mut h = Harness::new(cfg.clone());
+    let n = 1000;
+    for i in 0..n {
+        h.send(&register(
+            &format!("u{i}"),
+            &format!("c{i}"),
+            1,
+            &[&format!("Contact: <sip:u{i}@192.0.2.10:5062>")],
+        ));
+    }
+    let segment = Arc::new(Segment::anonymous(1).unwrap());
+    let mut o = Ownership::default();
+    o.set_tag(0, true, 1);
+    segment.publish(&o);
+    let acks = Arc::new(Acks::new(2 * n, 1));
+    let (mut p, c) = order_ring(2 * n);
+    let stats = Arc::new(PingStats::default());
+    let core = std::mem::replace(&mut h.core, Harness::new(cfg).core);
+    h.core = core.with_pinger(Pinger::new(
+        c,
+        segment,
+        acks.clone(),
+        "192.0.2.1:5060".parse().unwrap(),
+        1,
+        stats.clone(),
+    ));
+    let mut sched = Scheduler::new(
+        Settings {
+            interval_ms: 1000,
+            ..Settings::default()
+        },
+        acks,
+    );
+    sched.observe_all(&h.table);
+    let run_interval = |h: &mut Harness, sched: &mut Scheduler, p: &mut _| {
+        let p: &mut sipmesh_cluster::keepalive::OrderProducer = p;
+        for _ in 0..100 {
+            h.now += 10;
+            sched.advance(
+                h.now,
+                &h.table,
+                |_, _, _| Some(0),
+                |a| match a {
+                    Action::Ping(o) => p.push(o).is_ok(),
+                    Action::Remove { .. } => true,
+                },
+            );
+        }
+    };
+    run_interval(&mut h, &mut sched, &mut p);
+    // Warm-up tick (first use of the outbox).
+    h.out.clear();
+    let now = h.now;
+    h.core.on_tick(now, &mut h.out);
+    run_interval(&mut h, &mut sched, &mut p);
+
+    h.out.clear();
+    let region = Region::new(GLOBAL);
+    h.core.on_tick(now, &mut h.out);
+    let a = region.change().allocations;
+    assert_eq!(h.out.sent.len(), n, "one ping per contact");
+    assert_eq!(a, 0, "sending {n} pings");
+    let answers: Vec<Vec<u8>> = h
+        .out
+        .sent
+        .iter()
+        .map(|&(_, off, len)| {
+            let ping = String::from_utf8_lossy(&h.out.buf[off..off + len]).into_owned();
+            let mut r = String::from("SIP/2.0 200 OK\r\n");
+            for l in ping.split("\r\n").filter(|l| {
+                ["Via:", "From:", "To:", "Call-ID:", "CSeq:"]
+                    .iter()
+                    .any(|x| l.starts_with(x))
+            }) {
+                r.push_str(l);
+                r.push_str("\r\n");
+            }
+            (r + "Content-Length: 0\r\n\r\n").into_bytes()
+        })
+        .collect();
+    let before = stats.answers.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(allocations_for(&mut h, &answers), 0, "taking {n} answers");
+    assert_eq!(
+        stats.answers.load(std::sync::atomic::Ordering::Relaxed) - before,
+        n as u64
+    );
 }
