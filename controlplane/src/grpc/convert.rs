@@ -141,6 +141,7 @@ fn link_state(ls: pb::LinkState) -> Result<LinkStateAd, Invalid> {
         known,
         removed,
         last_repl_seq: ls.last_repl_seq,
+        acting_since: ls.acting_since_ms,
     })
 }
 
@@ -162,6 +163,7 @@ fn link_state_pb(a: &LinkStateAd) -> pb::LinkState {
             })
             .collect(),
         last_repl_seq: a.last_repl_seq,
+        acting_since_ms: a.acting_since,
         tags: a
             .tags
             .iter()
@@ -392,6 +394,7 @@ mod tests {
                 incarnation: 10,
             }],
             last_repl_seq: 42,
+            acting_since: 1_800_000_000_200,
             tags: vec![
                 TagClaim {
                     name: "vip".into(),

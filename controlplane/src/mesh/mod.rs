@@ -143,6 +143,26 @@ impl MeshConfig {
     }
 }
 
+/// A rendezvous assignment and the one before the newest joiners' boundary.
+#[derive(Debug)]
+struct BucketCache {
+    acting: Vec<NodeId>,
+    joiners: Vec<NodeId>,
+    new: [u64; BUCKETS / 64],
+    prev: [u64; BUCKETS / 64],
+}
+
+/// The buckets `me` acts on when `acting` split them by rendezvous hashing.
+fn assign_buckets(acting: &[NodeId], me: NodeId) -> [u64; BUCKETS / 64] {
+    let mut mine = Ownership::default();
+    for b in 0..BUCKETS {
+        if acting.iter().max_by_key(|n| bucket_weight(b, **n)) == Some(&me) {
+            mine.set_bucket(b, true);
+        }
+    }
+    mine.buckets
+}
+
 /// What the driver must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -326,7 +346,10 @@ pub struct Mesh {
     /// Last ownership handed to the driver.
     published: Option<Ownership>,
     /// The acting set the bucket assignment was last computed for, and its result.
-    bucket_cache: Option<(Vec<NodeId>, [u64; BUCKETS / 64])>,
+    /// Rendezvous assignments computed last: (acting set, joiners) → (new, previous).
+    bucket_cache: Option<BucketCache>,
+    /// Wall-clock ms from which this node acts on its buckets (0: it does not act).
+    acting_since: u64,
 }
 
 /// Versions are wall-clock milliseconds shifted left by 16 bits (see
@@ -409,6 +432,7 @@ impl Mesh {
             tags,
             published: None,
             bucket_cache: None,
+            acting_since: 0,
         };
         for info in members {
             m.learn(info);
@@ -614,34 +638,69 @@ impl Mesh {
                 .any(|c| c.cap == Capability::Usrloc && c.state == SyncState::Synced)
         };
         let i_act = !self.disabled && self.sync_state(Capability::Usrloc) == SyncState::Synced;
+        let wall = self.cfg.wall_at_zero + self.now;
         let mut o = Ownership::default();
         o.set_tag(DEFAULT_TAG_SLOT, i_act, 0);
         o.set_shared(DEFAULT_TAG_SLOT, true);
+        let mut acting: Vec<(NodeId, u64)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.reachable && self.shares_data(p))
+            .filter_map(|(id, p)| {
+                p.lsa
+                    .as_ref()
+                    .filter(|a| !a.disabled && synced(&a.caps))
+                    .map(|a| (*id, a.acting_since))
+            })
+            .collect();
+        // Becoming an acting node: from a moment just ahead, announced to the others, so
+        // that they hand over the buckets that become ours at that boundary (alone, at
+        // once: nobody is acting to hand over from).
+        if !i_act {
+            self.acting_since = 0;
+        } else if self.acting_since == 0 {
+            self.acting_since = if acting.is_empty() {
+                wall
+            } else {
+                wall + self.cfg.tag_handover
+            };
+            self.lsa_dirty = true;
+        }
         if i_act {
-            let mut acting: Vec<NodeId> = self
-                .peers
+            acting.push((me, self.acting_since));
+            acting.sort();
+            // Nodes that start acting after now take their share at their boundary; before
+            // it the assignment without them holds.
+            let joiners: Vec<NodeId> = acting
                 .iter()
-                .filter(|(_, p)| p.reachable && self.shares_data(p))
-                .filter(|(_, p)| {
-                    p.lsa
-                        .as_ref()
-                        .is_some_and(|a| !a.disabled && synced(&a.caps))
-                })
+                .filter(|(_, since)| *since > wall)
                 .map(|(id, _)| *id)
                 .collect();
-            acting.push(me);
-            acting.sort();
-            if self.bucket_cache.as_ref().map(|(a, _)| a) != Some(&acting) {
-                let mut mine = Ownership::default();
-                for b in 0..BUCKETS {
-                    if acting.iter().max_by_key(|n| bucket_weight(b, **n)) == Some(&me) {
-                        mine.set_bucket(b, true);
-                    }
-                }
-                self.bucket_cache = Some((acting, mine.buckets));
+            let boundary = acting.iter().map(|(_, s)| *s).filter(|s| *s > wall).max();
+            let ids: Vec<NodeId> = acting.iter().map(|(id, _)| *id).collect();
+            if self
+                .bucket_cache
+                .as_ref()
+                .is_none_or(|c| c.acting != ids || c.joiners != joiners)
+            {
+                let before: Vec<NodeId> = ids
+                    .iter()
+                    .copied()
+                    .filter(|n| !joiners.contains(n))
+                    .collect();
+                self.bucket_cache = Some(BucketCache {
+                    new: assign_buckets(&ids, me),
+                    prev: assign_buckets(&before, me),
+                    acting: ids,
+                    joiners,
+                });
             }
-            if let Some((_, bits)) = &self.bucket_cache {
-                o.buckets = *bits;
+            if let Some(c) = &self.bucket_cache {
+                o.buckets = c.new;
+                if let Some(at) = boundary {
+                    o.buckets_prev = c.prev;
+                    o.buckets_from = at;
+                }
             }
         }
         // A named tag acts only once this node is synced: a node that (re)starts claiming
@@ -724,6 +783,7 @@ impl Mesh {
                     newest_version: s.newest_version,
                 })
                 .collect(),
+            acting_since: self.acting_since,
             known: self.peers.values().map(|p| p.info.clone()).collect(),
             removed: self
                 .removed

@@ -1656,7 +1656,12 @@ fn buckets_are_split_by_rendezvous_and_only_a_leaving_nodes_share_moves() {
     // Every node acts on the default tag (untagged data), split by bucket.
     for at in 1..=3 {
         let o = net.get(at).ownership().unwrap();
-        assert!(o.acts_on_at(DEFAULT_TAG_SLOT, *buckets_of(&net, at).first().unwrap(), 1));
+        let later = net.now + 10_000;
+        assert!(o.acts_on_at(
+            DEFAULT_TAG_SLOT,
+            *buckets_of(&net, at).first().unwrap(),
+            later
+        ));
     }
     // Node 3 leaves: its buckets go to 1 and 2, which keep all of theirs.
     net.isolate(3);
@@ -1680,4 +1685,48 @@ fn buckets_are_split_by_rendezvous_and_only_a_leaving_nodes_share_moves() {
     })
     .expect("covered");
     assert!(!net.get(3).ownership().unwrap().tag_active(DEFAULT_TAG_SLOT));
+}
+
+/// A node that joins and becomes synced takes its share of the buckets at a boundary it
+/// announces ahead: before it the others keep acting on them, from it on the newcomer
+/// does, so at every instant each bucket is acted on by exactly one node.
+#[test]
+fn a_joining_node_takes_its_buckets_at_a_boundary_without_gap_or_overlap() {
+    let mut net = synced_cluster(3, |_| {});
+    net.run_until(2000, |n| {
+        (1..=3).all(|at| buckets_of(n, at).len() < BUCKETS / 2)
+    })
+    .expect("split");
+    let t_join = net.now;
+    let mut cfg = config(4);
+    cfg.joining = true;
+    net.add(cfg, Vec::new());
+    let members = net.node(1).on_join(t_join, info(4)).expect("join");
+    net.node(4).on_join_reply(t_join, members);
+    net.run_until(5000, |n| {
+        (1..=4).all(|at| n.get(at).ownership().is_some_and(|o| o.buckets_from > 0))
+            && buckets_of(n, 4).len() > 150
+    })
+    .expect("node 4 announced its boundary to everyone");
+    let boundary = net.get(4).ownership().unwrap().buckets_from;
+    assert!(
+        (1..=3).all(|at| net.get(at).ownership().unwrap().buckets_from == boundary),
+        "every node hands over at the same instant"
+    );
+    assert!(net.now < boundary, "heard before the boundary");
+    let acts = |net: &Net, at: u16, b: usize, t: u64| {
+        net.get(at)
+            .ownership()
+            .is_some_and(|o| o.acts_on_at(DEFAULT_TAG_SLOT, b, t))
+    };
+    for t in (boundary - 50..boundary + 50).chain([t_join, boundary + 100_000]) {
+        for b in 0..BUCKETS {
+            let n = (1..=4).filter(|&at| acts(&net, at, b, t)).count();
+            assert_eq!(n, 1, "bucket {b} at {t} (boundary {boundary})");
+        }
+    }
+    // Before the boundary node 4 acts on nothing; after it on about a quarter.
+    assert!((0..BUCKETS).all(|b| !acts(&net, 4, b, boundary - 1)));
+    let mine = (0..BUCKETS).filter(|&b| acts(&net, 4, b, boundary)).count();
+    assert!((180..=340).contains(&mine), "{mine}");
 }

@@ -121,6 +121,10 @@ pub struct LinkStateAd {
     pub last_repl_seq: u64,
     /// What it knows of every sharing tag.
     pub tags: Vec<super::tags::TagClaim>,
+    /// Wall-clock ms from which it acts on its share of the partition buckets (a node that
+    /// becomes synced announces a moment just ahead, so that the others hand its buckets
+    /// over at that boundary); 0 while it does not act.
+    pub acting_since: u64,
 }
 
 /// A batch of change records from one origin, sequence numbers
