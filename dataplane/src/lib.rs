@@ -7,3 +7,4 @@ pub mod durable;
 pub mod io;
 pub mod pinger;
 pub mod registrar;
+pub mod txn;
