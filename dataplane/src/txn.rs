@@ -11,6 +11,8 @@
 //! Over a reliable transport the retransmission timers (A, E, G) are not set and the
 //! wait timers D, I, J, K are zero.
 
+pub mod table;
+
 /// Milliseconds (virtual or wall-clock).
 pub type Millis = u64;
 
