@@ -6,5 +6,6 @@ pub mod date;
 pub mod durable;
 pub mod io;
 pub mod pinger;
+pub mod proxy;
 pub mod registrar;
 pub mod txn;
