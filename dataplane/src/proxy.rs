@@ -224,8 +224,10 @@ fn rank(code: u16) -> (u8, u8) {
 impl ResponseContext {
     /// A context for `n` branches (at most [`MAX_BRANCHES`]).
     pub fn new(n: usize) -> ResponseContext {
-        let mut c = ResponseContext::default();
-        c.n = n.min(MAX_BRANCHES);
+        let mut c = ResponseContext {
+            n: n.min(MAX_BRANCHES),
+            ..ResponseContext::default()
+        };
         for b in &mut c.branches[..c.n] {
             *b = Branch::Pending { provisional: false };
         }
