@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 
-use sip_wire::scan::CommaSplit;
 use sip_wire::{HeaderName, Message, Writer};
 
 /// Default Max-Forwards of a request that carries none (§16.6 step 3).
@@ -34,11 +33,7 @@ pub struct Forward<'a> {
 
 /// The rest of a comma-separated header value after its first element.
 fn after_first(v: &[u8]) -> Option<&[u8]> {
-    let mut it = CommaSplit::new(v);
-    it.next()?;
-    let second = it.next()?;
-    let off = second.as_ptr() as usize - v.as_ptr() as usize;
-    v.get(off..)
+    sip_wire::write::split_first(v).1
 }
 
 /// Writes the request `m` as forwarded to one target (RFC 3261 §16.6): the new
@@ -122,11 +117,17 @@ pub fn forward_request(m: &Message<'_>, f: &Forward<'_>, buf: &mut [u8]) -> Opti
 }
 
 /// Writes the response `m` with our Via (its first value) removed (§16.7 step 3), for
-/// the previous hop. Returns the length, or `None` when the buffer is too small or the
-/// response has no Via left for the previous hop.
-pub fn forward_response(m: &Message<'_>, buf: &mut [u8]) -> Option<usize> {
-    let (code, reason) = match m.start {
-        sip_wire::StartLine::Response { code, reason, .. } => (code, reason),
+/// the previous hop; `status` replaces its status line (a 503 passed on as 500, §16.7
+/// step 6). Returns the length, or `None` when the buffer is too small or the response
+/// has no Via left for the previous hop.
+pub fn forward_response(
+    m: &Message<'_>,
+    status: Option<(u16, &[u8])>,
+    buf: &mut [u8],
+) -> Option<usize> {
+    let (code, reason) = match (m.start, status) {
+        (sip_wire::StartLine::Response { .. }, Some(s)) => s,
+        (sip_wire::StartLine::Response { code, reason }, None) => (code, reason),
         _ => return None,
     };
     let mut w = Writer::new(buf);
@@ -163,6 +164,39 @@ pub fn forward_response(m: &Message<'_>, buf: &mut [u8]) -> Option<usize> {
         .put_u64(m.body.len() as u64)
         .put(b"\r\n\r\n")
         .put(m.body);
+    w.finish()
+}
+
+/// Writes the CANCEL (§9.1) or the ACK of a non-2xx final response (§17.1.1.3) for a
+/// request we forwarded (`req`, as we sent it): the same Request-URI, our Via only,
+/// the same Route, From, Call-ID and CSeq number; an ACK takes the To of the response.
+pub fn cancel_or_ack(
+    req: &Message<'_>,
+    method: &[u8],
+    to: Option<&[u8]>,
+    buf: &mut [u8],
+) -> Option<usize> {
+    let mut w = Writer::new(buf);
+    w.request_line(method, req.request_uri()?);
+    let via = req.header(HeaderName::Via)?;
+    w.put(b"Via: ")
+        .put(sip_wire::write::split_first(via).0)
+        .crlf();
+    for r in req.headers_named(HeaderName::Route) {
+        w.put(b"Route: ").put(r).crlf();
+    }
+    w.put(b"Max-Forwards: 70\r\n");
+    w.put(b"From: ").put(req.header(HeaderName::From)?).crlf();
+    w.put(b"To: ")
+        .put(to.or(req.header(HeaderName::To))?)
+        .crlf();
+    w.put(b"Call-ID: ")
+        .put(req.header(HeaderName::CallId)?)
+        .crlf();
+    let cseq = req.header(HeaderName::CSeq)?;
+    let num = cseq.split(|b| *b == b' ').next()?;
+    w.put(b"CSeq: ").put(num).put(b" ").put(method).crlf();
+    w.put(b"Content-Length: 0\r\n\r\n");
     w.finish()
 }
 

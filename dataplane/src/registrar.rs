@@ -158,6 +158,19 @@ impl Default for RegistrarConfig {
     }
 }
 
+/// What a location lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// The Request-URI is not a user of a domain we serve.
+    NotOurs,
+    /// No such address-of-record (404).
+    NotFound,
+    /// Known, but no live contact (480).
+    NoContacts,
+    /// This many contacts.
+    Found(usize),
+}
+
 /// Registrar counters, read by the control plane.
 #[derive(Debug, Default)]
 pub struct RegistrarStats {
@@ -347,7 +360,43 @@ impl Registrar {
         r
     }
 
-    fn serves(&self, host: &[u8]) -> bool {
+    /// Location lookup for a request to `uri` (OpenSIPS `lookup()`): `f` sees every live
+    /// binding of its AoR, highest q first.
+    pub fn lookup(&mut self, uri: &Uri<'_>, now_ms: Millis, mut f: impl FnMut(&Binding)) -> Lookup {
+        if !uri.is_sip() || uri.user.is_none() || !self.serves(uri.host) {
+            return Lookup::NotOurs;
+        }
+        if !Self::canonical_aor(&mut self.aor, uri) {
+            return Lookup::NotFound;
+        }
+        let now_s = (now_ms / 1000) as u32;
+        self.table.read(&self.aor, |rec| {
+            let Some(rec) = rec else {
+                return Lookup::NotFound;
+            };
+            let mut live: [Option<&Binding>; 16] = [None; 16];
+            let mut n = 0;
+            for b in rec.bindings().iter().filter(|b| b.expires_at > now_s) {
+                if n < live.len() {
+                    live[n] = Some(b);
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                return Lookup::NoContacts;
+            }
+            // RFC 3261 §16.6: q-values order the targets (no q ranks as 1.0).
+            let q = |b: &Binding| if b.q == Q_NONE { 1000 } else { b.q };
+            live[..n].sort_by_key(|b| std::cmp::Reverse(b.map_or(0, q)));
+            for b in live[..n].iter().flatten() {
+                f(b);
+            }
+            Lookup::Found(n)
+        })
+    }
+
+    /// Whether `host` is a domain this node serves.
+    pub fn serves(&self, host: &[u8]) -> bool {
         self.cfg.domains.is_empty()
             || self
                 .cfg

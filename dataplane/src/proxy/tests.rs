@@ -105,7 +105,7 @@ CSeq: 1 INVITE\r\n\
 Content-Length: 0\r\n\r\n";
     let m = parse(resp);
     let mut buf = [0u8; 2048];
-    let n = forward_response(&m, &mut buf).unwrap();
+    let n = forward_response(&m, None, &mut buf).unwrap();
     let out = std::str::from_utf8(&buf[..n]).unwrap().to_string();
     assert!(out.starts_with(
         "SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP 192.0.2.10:5062;rport=5062;branch=z9hG4bKa1\r\n"
@@ -116,14 +116,14 @@ Content-Length: 0\r\n\r\n";
         ", SIP/2.0/UDP 192.0.2.10",
         "\r\nVia: SIP/2.0/UDP 192.0.2.10",
     );
-    let n = forward_response(&parse(&two_lines), &mut buf).unwrap();
+    let n = forward_response(&parse(&two_lines), None, &mut buf).unwrap();
     assert_eq!(&buf[..n], out.as_bytes());
     // No Via left for anyone: not forwarded (§16.7 step 3).
     let only_ours = resp.replace(
         ", SIP/2.0/UDP 192.0.2.10:5062;rport=5062;branch=z9hG4bKa1",
         "",
     );
-    assert_eq!(forward_response(&parse(&only_ours), &mut buf), None);
+    assert_eq!(forward_response(&parse(&only_ours), None, &mut buf), None);
 }
 
 #[test]
@@ -186,4 +186,41 @@ fn the_best_response_waits_for_every_branch_and_6xx_and_2xx_do_not() {
     );
     // Out of range.
     assert_eq!(ResponseContext::new(1).on_response(5, 200), Drop);
+}
+
+#[test]
+fn cancel_and_ack_copy_what_9_1_and_17_1_1_3_require() {
+    let m = parse(INVITE);
+    let mut fbuf = [0u8; 4096];
+    let n = forward_request(&m, &fwd(b"z9hG4bKsm9"), &mut fbuf).unwrap();
+    let sent = parse(std::str::from_utf8(&fbuf[..n]).unwrap());
+    let mut buf = [0u8; 2048];
+    let n = cancel_or_ack(&sent, b"CANCEL", None, &mut buf).unwrap();
+    let c = std::str::from_utf8(&buf[..n]).unwrap();
+    assert!(c.starts_with("CANCEL sip:bob@10.0.0.5:5060;ob SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKsm9\r\n"));
+    assert_eq!(parse(c).vias().count(), 1, "our Via only");
+    assert!(c.contains("\r\nRoute: <sip:edge.example;lr>\r\n"));
+    assert!(c.contains("\r\nTo: <sip:bob@example.com>\r\n"));
+    assert!(c.contains("\r\nCSeq: 1 CANCEL\r\n"));
+    assert!(parse(c).check_request().is_ok());
+    let n = cancel_or_ack(
+        &sent,
+        b"ACK",
+        Some(b"<sip:bob@example.com>;tag=b7"),
+        &mut buf,
+    )
+    .unwrap();
+    let a = std::str::from_utf8(&buf[..n]).unwrap();
+    assert!(a.starts_with("ACK sip:bob@10.0.0.5:5060;ob SIP/2.0\r\n"));
+    assert!(a.contains("\r\nTo: <sip:bob@example.com>;tag=b7\r\n"));
+    assert!(a.contains("\r\nCSeq: 1 ACK\r\n"));
+    // A 503 passed on as 500.
+    let resp = "SIP/2.0 503 Busy\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nVia: SIP/2.0/UDP b;branch=z9hG4bK2\r\nCall-ID: x\r\nContent-Length: 0\r\n\r\n";
+    let n = forward_response(
+        &parse(resp),
+        Some((500, b"Server Internal Error")),
+        &mut buf,
+    )
+    .unwrap();
+    assert!(buf[..n].starts_with(b"SIP/2.0 500 Server Internal Error\r\nVia: SIP/2.0/UDP b;"));
 }
