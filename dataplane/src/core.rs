@@ -16,9 +16,13 @@ use crate::durable::Gate;
 use crate::io::{Dest, Handler, Millis, Outbox, Source, Transport};
 use crate::pinger::Pinger;
 use crate::registrar::{RegReply, Registrar};
+use crate::stateful::{Proxy, ResponseFate};
 
 /// Methods this node implements; the Allow header of 405 and OPTIONS replies.
 pub const ALLOW: &[u8] = b"REGISTER, OPTIONS, ACK";
+/// The same with the proxy on: every method is routed.
+pub const ALLOW_PROXY: &[u8] =
+    b"INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, INFO, UPDATE, PRACK, SUBSCRIBE, NOTIFY, REFER, PUBLISH";
 /// Option tags this node supports (RFC 3261 §8.2.2.3).
 pub const SUPPORTED: &[&[u8]] = &[b"path"];
 const SUPPORTED_HEADER: &[u8] = b"path";
@@ -68,6 +72,8 @@ pub struct Core {
     tag_key: std::hash::RandomState,
     /// NAT keepalives (None: off).
     pinger: Option<Pinger>,
+    /// The stateful proxy (None: registrar only).
+    proxy: Option<Proxy>,
 }
 
 /// One request being answered: the message, how to address the reply, where it came
@@ -89,6 +95,21 @@ impl Core {
             date: DateCache::default(),
             tag_key: std::hash::RandomState::new(),
             pinger: None,
+            proxy: None,
+        }
+    }
+
+    /// Stateful proxying of every request the node does not answer itself.
+    pub fn with_proxy(mut self, p: Proxy) -> Core {
+        self.proxy = Some(p);
+        self
+    }
+
+    fn allow(&self) -> &'static [u8] {
+        if self.proxy.is_some() {
+            ALLOW_PROXY
+        } else {
+            ALLOW
         }
     }
 
@@ -215,8 +236,8 @@ impl Core {
             Err(e) => return self.reject(m, src, now, out, e),
         };
         let method = checked.cseq.method;
-        if method == Method::Ack {
-            // No INVITE server transactions yet: an ACK has nothing to match.
+        if method == Method::Ack && self.proxy.is_none() {
+            // No INVITE server transactions: an ACK has nothing to match.
             self.stats.acks_absorbed.fetch_add(1, Relaxed);
             return;
         }
@@ -230,6 +251,26 @@ impl Core {
         if checked.max_forwards == Some(0) {
             return self.reply(&req, out, 483, "Too Many Hops", |_, _| {});
         }
+        // RFC 3261 §16.3 step 2 / §8.2: Max-Forwards 0 is checked above; requests the node
+        // does not answer itself go to the proxy: everything but REGISTER and an OPTIONS
+        // addressed to the node (no user part).
+        let to_us = method == Method::Register
+            || (method == Method::Options && checked.request_uri.user.is_none());
+        if !to_us && let Some(p) = self.proxy.as_mut() {
+            // RFC 3261 §16.3 step 5: Proxy-Require must name only what we support.
+            if m.tokens(HeaderName::ProxyRequire).any(|t| !is_supported(t)) {
+                return self.reply(&req, out, 420, "Bad Extension", |_, w| {
+                    for t in m
+                        .tokens(HeaderName::ProxyRequire)
+                        .filter(|t| !is_supported(t))
+                    {
+                        w.header("Unsupported", t);
+                    }
+                });
+            }
+            p.on_request(m, &checked, src, now, &mut self.registrar, out);
+            return;
+        }
         // RFC 3261 §8.2.1: method inspection.
         match method {
             Method::Register | Method::Options => {}
@@ -239,8 +280,8 @@ impl Core {
                 return self.reply(&req, out, 481, "Call/Transaction Does Not Exist", |_, _| {});
             }
             _ => {
-                return self.reply(&req, out, 405, "Method Not Allowed", |_, w| {
-                    w.header("Allow", ALLOW);
+                return self.reply(&req, out, 405, "Method Not Allowed", |c, w| {
+                    w.header("Allow", c.allow());
                 });
             }
         }
@@ -256,8 +297,8 @@ impl Core {
         if method == Method::Options {
             // RFC 3261 §11.2: Allow, Accept and Supported SHOULD be present.
             self.stats.options.fetch_add(1, Relaxed);
-            return self.reply(&req, out, 200, "OK", |_, w| {
-                w.header("Allow", ALLOW)
+            return self.reply(&req, out, 200, "OK", |c, w| {
+                w.header("Allow", c.allow())
                     .header("Accept", ACCEPT)
                     .header("Supported", SUPPORTED_HEADER);
             });
@@ -306,8 +347,8 @@ impl Core {
 
     fn not_implemented<O: Outbox>(&mut self, req: &Incoming<'_, '_>, out: &mut O) {
         // RFC 3261 §8.2.1: an unknown method is 501.
-        self.reply(req, out, 501, "Not Implemented", |_, w| {
-            w.header("Allow", ALLOW);
+        self.reply(req, out, 501, "Not Implemented", |c, w| {
+            w.header("Allow", c.allow());
         });
     }
 }
@@ -393,7 +434,20 @@ impl Handler for Core {
                 }
                 StartLine::Response { .. } => {
                     self.stats.responses_received.fetch_add(1, Relaxed);
-                    // Answers to keepalive pings; no other client transactions yet.
+                    let fate = match self.proxy.as_mut() {
+                        Some(p) => p.on_response(&m, now, out),
+                        None => ResponseFate::NotOurs,
+                    };
+                    match fate {
+                        ResponseFate::Done => return,
+                        ResponseFate::Steer(_) => {
+                            // Steering to the owning worker comes with the worker mailboxes.
+                            self.stats.dropped.fetch_add(1, Relaxed);
+                            return;
+                        }
+                        ResponseFate::NotOurs => {}
+                    }
+                    // Answers to keepalive pings.
                     let ping = self.pinger.as_ref().is_some_and(|p| {
                         m.top_via()
                             .and_then(|v| v.branch)
@@ -441,6 +495,9 @@ impl Handler for Core {
 
     fn on_tick<O: Outbox>(&mut self, now: Millis, out: &mut O) {
         self.registrar.on_tick(now);
+        if let Some(p) = self.proxy.as_mut() {
+            p.on_tick(now, out);
+        }
         if let Some(p) = self.pinger.as_mut() {
             p.run(out);
         }

@@ -8,4 +8,5 @@ pub mod io;
 pub mod pinger;
 pub mod proxy;
 pub mod registrar;
+pub mod stateful;
 pub mod txn;

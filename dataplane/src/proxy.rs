@@ -290,6 +290,8 @@ impl ResponseContext {
             return Decision::Drop;
         };
         match (*b, code) {
+            // §16.7 step 5: every 2xx is forwarded, retransmissions included (RFC 6026).
+            (Branch::Done(200..=299), 200..=299) => Decision::Forward,
             (Branch::Done(_), _) | (Branch::Unused, _) => Decision::Drop,
             (Branch::Pending { .. }, 100) => Decision::Drop,
             (Branch::Pending { .. }, 101..=199) => {

@@ -7,7 +7,8 @@
 //!
 //! Timers (RFC 3261 §17.1.1.2, §17.1.2.2, §17.2.1, §17.2.2, table 4): A, B, D (INVITE
 //! client), E, F, K (non-INVITE client), G, H, I (INVITE server), J (non-INVITE server),
-//! L (INVITE server, RFC 6026 §7.1), and C (a proxy's INVITE client, §16.6 step 11).
+//! L (INVITE server) and M (INVITE client, RFC 6026 §7.1, §7.2), and C (a proxy's
+//! INVITE client, §16.6 step 11).
 //! Over a reliable transport the retransmission timers (A, E, G) are not set and the
 //! wait timers D, I, J, K are zero.
 
@@ -95,9 +96,10 @@ pub enum Timer {
     J,
     K,
     L,
+    M,
 }
 
-const TIMERS: usize = 12;
+const TIMERS: usize = 13;
 
 impl Timer {
     fn index(self) -> usize {
@@ -117,6 +119,7 @@ impl Timer {
         Timer::J,
         Timer::K,
         Timer::L,
+        Timer::M,
     ];
 }
 
@@ -383,13 +386,17 @@ impl Transaction {
                 self.last = code;
                 out.push(Action::Pass(code));
             }
-            // A 2xx ends the transaction; the TU (or the proxy core) handles the ACK and
-            // the 2xx retransmissions (§17.1.1.2, §13.2.2.4).
+            // RFC 6026 §7.2: a 2xx moves to Accepted, where its retransmissions (and
+            // those of other forks' 2xx) still pass up for 64*T1 (timer M); the ACK is
+            // the TU's, end to end.
             (State::Calling | State::Proceeding, 200..=299) => {
+                self.state = State::Accepted;
+                self.timers = [None; TIMERS];
                 self.last = code;
                 out.push(Action::Pass(code));
-                self.terminate(out);
+                self.arm(Timer::M, now, 64 * self.cfg.t1);
             }
+            (State::Accepted, 200..=299) => out.push(Action::Pass(code)),
             // §17.1.1.2: a final non-2xx: ACK it, pass it up, wait (timer D) to absorb
             // its retransmissions.
             (State::Calling | State::Proceeding, 300..=699) => {
@@ -547,7 +554,7 @@ impl Transaction {
                     provisional: self.provisional,
                 });
             }
-            Timer::D | Timer::I | Timer::J | Timer::K | Timer::L => self.terminate(out),
+            Timer::D | Timer::I | Timer::J | Timer::K | Timer::L | Timer::M => self.terminate(out),
             _ => {}
         }
     }

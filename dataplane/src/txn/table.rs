@@ -85,7 +85,13 @@ impl Keys {
 
     /// The server transaction a request belongs to (§17.2.3).
     pub fn server_key(&self, c: &Checked<'_>) -> TxKey {
-        let method = match c.cseq.method {
+        self.server_key_as(c, c.cseq.method)
+    }
+
+    /// The key the request would have with method `method`: a CANCEL finds the INVITE it
+    /// cancels (§9.2: same branch, sent-by, Request-URI, tags, Call-ID and CSeq number).
+    pub fn server_key_as(&self, c: &Checked<'_>, method: Method<'_>) -> TxKey {
+        let method = match method {
             // The ACK of a non-2xx matches the INVITE's transaction.
             Method::Ack => Method::Invite.as_bytes(),
             m => m.as_bytes(),
@@ -104,7 +110,7 @@ impl Keys {
         }
         // RFC 2543 fallback.
         let to_tag = match c.cseq.method {
-            Method::Invite | Method::Ack => &b""[..],
+            Method::Invite | Method::Ack | Method::Cancel => &b""[..],
             _ => c.to.tag().unwrap_or_default(),
         };
         self.hash(&[

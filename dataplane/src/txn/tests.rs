@@ -86,14 +86,16 @@ fn invite_client_provisional_stops_retransmissions_and_final_non_2xx_is_acked_wi
 }
 
 #[test]
-fn invite_client_2xx_terminates_and_leaves_the_ack_to_the_tu() {
+fn invite_client_2xx_goes_to_accepted_passes_retransmissions_and_timer_m_ends_it() {
+    // RFC 6026 §7.2
     let (mut t, _) = Transaction::client(Kind::Invite, Unreliable, CFG, false, 0);
-    assert_eq!(
-        acts(t.on_event(Event::Response(200), 100)),
-        vec![Pass(200), Terminated]
-    );
-    assert!(t.on_event(Event::Response(200), 200).is_empty());
-    assert_eq!(t.next_deadline(), None);
+    assert_eq!(acts(t.on_event(Event::Response(200), 100)), vec![Pass(200)]);
+    assert_eq!(t.state(), State::Accepted);
+    assert_eq!((t.timer(Timer::A), t.timer(Timer::B)), (None, None));
+    // A retransmitted 2xx still goes up (the ACK is the TU's, end to end); nothing else.
+    assert_eq!(acts(t.on_event(Event::Response(200), 600)), vec![Pass(200)]);
+    assert!(t.on_event(Event::Response(486), 700).is_empty());
+    assert_eq!(run(&mut t, 101, 32_100), vec![(32_100, Terminated)]);
 }
 
 #[test]

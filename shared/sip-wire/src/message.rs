@@ -499,6 +499,11 @@ impl<'a> Message<'a> {
         }
     }
 
+    /// The octets of the message proper (start line to end of body).
+    pub fn as_bytes(&self) -> &'a [u8] {
+        &self.buf[..self.len.min(self.buf.len())]
+    }
+
     pub fn request_uri(&self) -> Option<&'a [u8]> {
         match self.start {
             StartLine::Request { uri, .. } => Some(uri),

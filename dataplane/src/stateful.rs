@@ -1,0 +1,817 @@
+//! A worker's transaction-stateful proxy (RFC 3261 §16, the OpenSIPS `tm` +
+//! `lookup()` role): requests for users of our domains are looked up in the location
+//! table and forked in parallel to every contact; in-dialog requests follow their Route
+//! set; the best final response goes back (§16.7); CANCEL reaches every pending branch
+//! (§16.10); every hop is a server or client transaction ([`crate::txn`]) with its
+//! retransmissions and timers.
+//!
+//! Sans-IO like the rest of the core: messages, sources and time come in, datagrams to
+//! send go out through the [`Outbox`].
+//!
+//! Limits of this step: targets are reached over UDP (a contact registered over TCP is
+//! sent to over UDP at its source address); no DNS (a foreign Request-URI must name an IP
+//! address); the bytes a transaction may retransmit are kept in a buffer of its own.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use sip_wire::{Checked, Framing, HeaderName, Message, Method, Uri, Writer};
+
+use crate::core::response_dest;
+use crate::io::{Dest, Millis, Outbox, Source, Transport};
+use crate::proxy::{
+    Decision, Forward, MAX_BRANCHES, ResponseContext, cancel_or_ack, forward_request,
+    forward_response,
+};
+use crate::registrar::{Lookup, Registrar};
+use crate::txn::table::{BranchId, Keys, TxId, TxTable};
+use crate::txn::{Action, Event, Kind, Reliability, TimerConfig, Transaction};
+
+/// How the proxy runs.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// T1, T2, T4, timer C.
+    pub timers: TimerConfig,
+    /// Our SIP address: Via sent-by and Record-Route.
+    pub local: SocketAddr,
+    /// Record-Route INVITEs (so in-dialog requests come through us).
+    pub record_route: bool,
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Requests forwarded (one per branch).
+    pub forwarded: AtomicU64,
+    /// Responses passed upstream.
+    pub relayed: AtomicU64,
+    /// Requests answered by the proxy itself (404, 480, 481, 408, 487 ...).
+    pub answered: AtomicU64,
+    /// Retransmissions absorbed or answered from a transaction.
+    pub retransmissions: AtomicU64,
+    /// Responses that matched no transaction here.
+    pub stray_responses: AtomicU64,
+    /// Responses for a transaction of another worker (steered to it).
+    pub other_worker: AtomicU64,
+    /// Client transactions that timed out (timer B, F, or C without a provisional).
+    pub timeouts: AtomicU64,
+    /// CANCELs received that found their INVITE.
+    pub cancels: AtomicU64,
+}
+
+/// What a response belongs to, when not to this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFate {
+    /// Handled (or dropped) here.
+    Done,
+    /// It belongs to a transaction of worker `0`: steer it there.
+    Steer(u16),
+    /// Not a response to anything we sent.
+    NotOurs,
+}
+
+struct ServerCtx {
+    /// The request as received: our own responses to it (408, 487) are built from it.
+    request: Vec<u8>,
+    /// Where responses go.
+    upstream: Dest,
+    /// The latest response sent upstream (a retransmitted request gets it again).
+    response: Vec<u8>,
+    rc: ResponseContext,
+    branches: [Option<TxId>; MAX_BRANCHES],
+    /// A final response of a branch kept until every branch is done (§16.7 step 4).
+    held: [Vec<u8>; MAX_BRANCHES],
+    invite: bool,
+    /// A CANCEL came: branches cancel as soon as they may (after a provisional, §9.1).
+    cancelled: bool,
+}
+
+struct ClientCtx {
+    parent: TxId,
+    index: usize,
+    /// The request as sent (retransmissions, CANCEL, ACK).
+    request: Vec<u8>,
+    dest: SocketAddr,
+    /// The CANCEL of this branch, once sent.
+    cancel: Option<TxId>,
+}
+
+enum Ctx {
+    Server(Box<ServerCtx>),
+    Client(ClientCtx),
+    /// A CANCEL we sent: its request and where.
+    Cancel {
+        request: Vec<u8>,
+        dest: SocketAddr,
+    },
+}
+
+struct Target {
+    uri: Vec<u8>,
+    path: Vec<u8>,
+    dest: SocketAddr,
+}
+
+/// One worker's proxy.
+pub struct Proxy {
+    cfg: ProxyConfig,
+    keys: Arc<Keys>,
+    node: u16,
+    worker: u16,
+    txns: TxTable<Ctx>,
+    stats: Arc<ProxyStats>,
+    rr: Vec<u8>,
+    buf: Vec<u8>,
+    targets: Vec<Target>,
+    fired: Vec<(TxId, Action)>,
+    ended: Vec<(TxId, Ctx)>,
+}
+
+/// Next hop of a URI with a literal address (no DNS here).
+fn uri_addr(uri: &Uri<'_>) -> Option<SocketAddr> {
+    let h = uri.host;
+    let h = h
+        .strip_prefix(b"[")
+        .and_then(|h| h.strip_suffix(b"]"))
+        .unwrap_or(h);
+    let ip: IpAddr = std::str::from_utf8(h).ok()?.parse().ok()?;
+    Some(SocketAddr::new(ip, uri.port.unwrap_or(5060)))
+}
+
+/// The URI of the first element of a Route-like list.
+fn first_route_uri(v: &[u8]) -> Option<Uri<'_>> {
+    let first = sip_wire::write::split_first(v).0;
+    let inner = first
+        .iter()
+        .position(|&b| b == b'<')
+        .and_then(|s| {
+            first[s + 1..]
+                .iter()
+                .position(|&b| b == b'>')
+                .map(|e| &first[s + 1..s + 1 + e])
+        })
+        .unwrap_or(first);
+    Uri::parse(inner).ok()
+}
+
+impl Proxy {
+    pub fn new(
+        cfg: ProxyConfig,
+        keys: Arc<Keys>,
+        node: u16,
+        worker: u16,
+        now: Millis,
+        stats: Arc<ProxyStats>,
+    ) -> Proxy {
+        let rr = format!("sip:{};lr", cfg.local).into_bytes();
+        Proxy {
+            cfg,
+            keys,
+            node,
+            worker,
+            txns: TxTable::new(now, 4096),
+            stats,
+            rr,
+            buf: vec![0; 65_535],
+            targets: Vec::new(),
+            fired: Vec::new(),
+            ended: Vec::new(),
+        }
+    }
+
+    /// Live transactions.
+    pub fn transactions(&self) -> usize {
+        self.txns.len()
+    }
+
+    fn is_us(&self, uri: &Uri<'_>) -> bool {
+        uri_addr(uri) == Some(self.cfg.local)
+    }
+
+    fn send<O: Outbox>(out: &mut O, dest: Dest, bytes: &[u8]) {
+        out.send(dest, |b| match b.get_mut(..bytes.len()) {
+            Some(d) => {
+                d.copy_from_slice(bytes);
+                bytes.len()
+            }
+            None => 0,
+        });
+    }
+
+    /// Our own response to `m` (100, 404, 480, 481, 408, 487 ...), with a To tag derived
+    /// from the request so retransmissions get the same one.
+    fn build_reply(m: &Message<'_>, src_addr: SocketAddr, code: u16, reason: &str) -> Vec<u8> {
+        let mut v = vec![0u8; 4096];
+        let n = {
+            let Ok(c) = m.check_request() else {
+                return Vec::new();
+            };
+            let mut tag = [0u8; 16];
+            let h = fnv(c.call_id)
+                ^ fnv(c.from.tag().unwrap_or_default()).rotate_left(17)
+                ^ fnv(c.top_via.branch.unwrap_or_default()).rotate_left(34);
+            for (i, b) in tag.iter_mut().enumerate() {
+                *b = b"0123456789abcdef"[((h >> (60 - 4 * i)) & 0xf) as usize];
+            }
+            let mut w = Writer::new(&mut v);
+            w.response_head_with(
+                m,
+                Some(&c.top_via),
+                c.to.tag().is_some(),
+                code,
+                reason,
+                src_addr.ip(),
+                src_addr.port(),
+                Some(&tag),
+            );
+            w.put(b"Content-Length: 0\r\n\r\n");
+            w.finish().unwrap_or(0)
+        };
+        v.truncate(n);
+        v
+    }
+
+    /// Builds and sends our own response to `m`.
+    fn reply_to<O: Outbox>(
+        &self,
+        m: &Message<'_>,
+        src_addr: SocketAddr,
+        dest: Dest,
+        code: u16,
+        reason: &str,
+        out: &mut O,
+    ) -> Vec<u8> {
+        let v = Self::build_reply(m, src_addr, code, reason);
+        if !v.is_empty() {
+            Self::send(out, dest, &v);
+            if code >= 200 {
+                self.stats.answered.fetch_add(1, Relaxed);
+            }
+        }
+        v
+    }
+
+    /// A request the core does not answer itself. Returns false when it is not for the
+    /// proxy (the core answers it).
+    pub fn on_request<O: Outbox>(
+        &mut self,
+        m: &Message<'_>,
+        c: &Checked<'_>,
+        src: &Source,
+        now: Millis,
+        reg: &mut Registrar,
+        out: &mut O,
+    ) {
+        let method = c.cseq.method;
+        let rel = match src.transport {
+            Transport::Udp => Reliability::Unreliable,
+            Transport::Tcp => Reliability::Reliable,
+        };
+        let upstream = response_dest(&c.top_via, src);
+        let key = self.keys.server_key(c);
+        // §17.2.3: a retransmission, or the ACK of a non-2xx final response.
+        if let Some(id) = self.txns.find_server(key) {
+            let ev = if method == Method::Ack {
+                Event::Ack
+            } else {
+                Event::RequestRetransmission
+            };
+            self.stats.retransmissions.fetch_add(1, Relaxed);
+            let (a, _) = self.txns.event(id, ev, now);
+            if a.iter().any(|x| x == Action::SendResponse)
+                && let Some((_, Ctx::Server(s))) = self.txns.get_mut(id)
+            {
+                Self::send(out, s.upstream, &s.response);
+            }
+            return;
+        }
+        if method == Method::Cancel {
+            return self.cancel(m, c, src, upstream, now, out);
+        }
+        // §16.4: a Route naming us is ours to remove.
+        let top_route = m.header(HeaderName::Route).and_then(first_route_uri);
+        let pop = top_route.as_ref().is_some_and(|u| self.is_us(u));
+        let next_route = if pop {
+            m.header(HeaderName::Route)
+                .and_then(|v| sip_wire::write::split_first(v).1)
+                .and_then(first_route_uri)
+                .or_else(|| {
+                    m.headers_named(HeaderName::Route)
+                        .nth(1)
+                        .and_then(first_route_uri)
+                })
+        } else {
+            top_route
+        };
+        // ACK of a 2xx: end to end, forwarded without a transaction (§16.11: a proxy
+        // forwards it statelessly).
+        if method == Method::Ack {
+            let dest = next_route
+                .as_ref()
+                .and_then(uri_addr)
+                .or_else(|| uri_addr(&c.request_uri));
+            if let Some(d) = dest {
+                let mut branch = [0u8; 48];
+                let bn = self.stateless_branch(c, &mut branch);
+                let f = Forward {
+                    request_uri: None,
+                    via_addr: self.cfg.local,
+                    transport: "UDP",
+                    branch: &branch[..bn],
+                    record_route: None,
+                    pop_route: pop,
+                    push_routes: b"",
+                };
+                if let Some(n) = forward_request(m, &f, &mut self.buf) {
+                    Self::send(out, Dest::Udp(d), &self.buf[..n]);
+                    self.stats.forwarded.fetch_add(1, Relaxed);
+                }
+            }
+            return;
+        }
+        // Targets: the route set of an in-dialog request, else the location service.
+        self.targets.clear();
+        let in_dialog = c.to.tag().is_some();
+        if let Some(r) = next_route.as_ref().filter(|_| pop || in_dialog) {
+            match uri_addr(r) {
+                Some(d) => self.targets.push(Target {
+                    uri: Vec::new(),
+                    path: Vec::new(),
+                    dest: d,
+                }),
+                None => {
+                    self.reply_to(m, src.remote, upstream, 404, "Not Found", out);
+                    return;
+                }
+            }
+        } else if in_dialog || self.is_us(&c.request_uri) {
+            match uri_addr(&c.request_uri).filter(|a| *a != self.cfg.local) {
+                Some(d) => self.targets.push(Target {
+                    uri: Vec::new(),
+                    path: Vec::new(),
+                    dest: d,
+                }),
+                None => {
+                    // In a dialog with no route to follow, or addressed to us: §16.3.
+                    self.reply_to(
+                        m,
+                        src.remote,
+                        upstream,
+                        481,
+                        "Call/Transaction Does Not Exist",
+                        out,
+                    );
+                    return;
+                }
+            }
+        } else {
+            let targets = &mut self.targets;
+            let found = reg.lookup(&c.request_uri, now, |b| {
+                let path = b.path();
+                let dest = if path.is_empty() {
+                    Some(b.source())
+                } else {
+                    first_route_uri(path).as_ref().and_then(uri_addr)
+                };
+                if let Some(dest) = dest
+                    && targets.len() < MAX_BRANCHES
+                {
+                    targets.push(Target {
+                        uri: b.contact().to_vec(),
+                        path: path.to_vec(),
+                        dest,
+                    });
+                }
+            });
+            match found {
+                Lookup::Found(_) if !self.targets.is_empty() => {}
+                Lookup::Found(_) | Lookup::NoContacts => {
+                    // RFC 3261 §21.4.18
+                    self.reply_to(m, src.remote, upstream, 480, "Temporarily Unavailable", out);
+                    return;
+                }
+                Lookup::NotFound => {
+                    self.reply_to(m, src.remote, upstream, 404, "Not Found", out);
+                    return;
+                }
+                Lookup::NotOurs => match uri_addr(&c.request_uri) {
+                    Some(d) => self.targets.push(Target {
+                        uri: Vec::new(),
+                        path: Vec::new(),
+                        dest: d,
+                    }),
+                    None => {
+                        self.reply_to(m, src.remote, upstream, 404, "Not Found", out);
+                        return;
+                    }
+                },
+            }
+        }
+        let invite = method == Method::Invite;
+        let kind = if invite {
+            Kind::Invite
+        } else {
+            Kind::NonInvite
+        };
+        let (txn, acts) = Transaction::server(kind, rel, self.cfg.timers);
+        let mut ctx = ServerCtx {
+            request: m.as_bytes().to_vec(),
+            upstream,
+            response: Vec::new(),
+            rc: ResponseContext::new(self.targets.len()),
+            branches: [None; MAX_BRANCHES],
+            held: Default::default(),
+            invite,
+            cancelled: false,
+        };
+        if acts.iter().any(|a| a == Action::SendResponse) {
+            // §17.2.1: 100 Trying at once, hop by hop.
+            ctx.response = self.reply_to(m, src.remote, upstream, 100, "Trying", out);
+        }
+        let sid = self
+            .txns
+            .insert_server(key, txn, Ctx::Server(Box::new(ctx)));
+        let record_route = (invite && self.cfg.record_route).then_some(&self.rr[..]);
+        let targets = std::mem::take(&mut self.targets);
+        for (i, t) in targets.iter().enumerate() {
+            let (txn, _) =
+                Transaction::client(kind, Reliability::Unreliable, self.cfg.timers, invite, now);
+            let cid = self.txns.insert_client(
+                method.as_bytes(),
+                txn,
+                Ctx::Client(ClientCtx {
+                    parent: sid,
+                    index: i,
+                    request: Vec::new(),
+                    dest: t.dest,
+                    cancel: None,
+                }),
+            );
+            let mut branch = [0u8; 48];
+            let bn = self.keys.branch(
+                BranchId {
+                    node: self.node,
+                    worker: self.worker,
+                    id: cid,
+                },
+                &mut branch,
+            );
+            let f = Forward {
+                request_uri: (!t.uri.is_empty()).then_some(&t.uri[..]),
+                via_addr: self.cfg.local,
+                transport: "UDP",
+                branch: &branch[..bn],
+                record_route,
+                pop_route: pop,
+                push_routes: &t.path,
+            };
+            let Some(n) = forward_request(m, &f, &mut self.buf) else {
+                self.txns.remove(cid);
+                continue;
+            };
+            Self::send(out, Dest::Udp(t.dest), &self.buf[..n]);
+            self.stats.forwarded.fetch_add(1, Relaxed);
+            if let Some((_, Ctx::Client(cc))) = self.txns.get_mut(cid) {
+                cc.request = self.buf[..n].to_vec();
+            }
+            if let Some((_, Ctx::Server(s))) = self.txns.get_mut(sid) {
+                s.branches[i] = Some(cid);
+            }
+        }
+        self.targets = targets;
+    }
+
+    fn stateless_branch(&self, c: &Checked<'_>, out: &mut [u8; 48]) -> usize {
+        let h = fnv(c.top_via.branch.unwrap_or_default()) ^ fnv(c.call_id);
+        out[..7].copy_from_slice(b"z9hG4bK");
+        let mut n = 7;
+        for i in (0..16).rev() {
+            out[n] = b"0123456789abcdef"[((h >> (4 * i)) & 0xf) as usize];
+            n += 1;
+        }
+        n
+    }
+
+    /// §16.10 / §9.2: a CANCEL for one of our INVITE server transactions: 200 to the
+    /// CANCEL, then every branch is cancelled (the 487 comes back from them).
+    fn cancel<O: Outbox>(
+        &mut self,
+        m: &Message<'_>,
+        c: &Checked<'_>,
+        src: &Source,
+        upstream: Dest,
+        now: Millis,
+        out: &mut O,
+    ) {
+        let ikey = self.keys.server_key_as(c, Method::Invite);
+        let Some(sid) = self.txns.find_server(ikey) else {
+            // RFC 3261 §9.2: no matching transaction.
+            self.reply_to(
+                m,
+                src.remote,
+                upstream,
+                481,
+                "Call/Transaction Does Not Exist",
+                out,
+            );
+            return;
+        };
+        self.stats.cancels.fetch_add(1, Relaxed);
+        self.reply_to(m, src.remote, upstream, 200, "OK", out);
+        let branches = match self.txns.get_mut(sid) {
+            Some((t, Ctx::Server(s))) if t.state() == crate::txn::State::Proceeding => {
+                s.cancelled = true;
+                s.rc.cancellable()
+                    .filter_map(|i| s.branches[i])
+                    .collect::<Vec<_>>()
+            }
+            _ => return,
+        };
+        for b in branches {
+            self.cancel_branch(b, now, out);
+        }
+    }
+
+    fn cancel_branch<O: Outbox>(&mut self, cid: TxId, now: Millis, out: &mut O) {
+        let (request, dest) = match self.txns.get_mut(cid) {
+            Some((_, Ctx::Client(cc))) if cc.cancel.is_none() => (cc.request.clone(), cc.dest),
+            _ => return,
+        };
+        let Ok(sent) = Message::parse(&request, Framing::Datagram) else {
+            return;
+        };
+        let Some(n) = cancel_or_ack(&sent, b"CANCEL", None, &mut self.buf) else {
+            return;
+        };
+        let bytes = self.buf[..n].to_vec();
+        Self::send(out, Dest::Udp(dest), &bytes);
+        let (txn, _) = Transaction::client(
+            Kind::NonInvite,
+            Reliability::Unreliable,
+            self.cfg.timers,
+            false,
+            now,
+        );
+        let id = self.txns.insert_client(
+            b"CANCEL",
+            txn,
+            Ctx::Cancel {
+                request: bytes,
+                dest,
+            },
+        );
+        if let Some((_, Ctx::Client(cc))) = self.txns.get_mut(cid) {
+            cc.cancel = Some(id);
+        }
+    }
+
+    /// A response: to one of our client transactions (or another worker's).
+    pub fn on_response<O: Outbox>(
+        &mut self,
+        m: &Message<'_>,
+        now: Millis,
+        out: &mut O,
+    ) -> ResponseFate {
+        let Some(branch) = m.top_via().and_then(|v| v.branch) else {
+            return ResponseFate::NotOurs;
+        };
+        let Some(b) = self.keys.parse_branch(branch) else {
+            return ResponseFate::NotOurs;
+        };
+        if b.node != self.node {
+            return ResponseFate::NotOurs;
+        }
+        if b.worker != self.worker {
+            self.stats.other_worker.fetch_add(1, Relaxed);
+            return ResponseFate::Steer(b.worker);
+        }
+        let (Some(code), Some(cseq)) = (m.status(), m.cseq()) else {
+            return ResponseFate::NotOurs;
+        };
+        let method = cseq.method.as_bytes();
+        let id = match self.txns.find_client(b.id, method) {
+            Some(id) => id,
+            None => {
+                // The response to a CANCEL we sent for this branch.
+                match self.txns.get_mut(b.id) {
+                    Some((_, Ctx::Client(cc))) if cseq.method == Method::Cancel => {
+                        match cc.cancel {
+                            Some(cid) => cid,
+                            None => return self.stray(),
+                        }
+                    }
+                    _ => return self.stray(),
+                }
+            }
+        };
+        let (acts, ended) = self.txns.event(id, Event::Response(code), now);
+        for a in acts.iter() {
+            match a {
+                Action::SendAck => self.send_ack(id, m, out),
+                Action::Pass(code) => {
+                    if let Some((_, Ctx::Client(cc))) = self.txns.get_mut(id) {
+                        let (parent, index) = (cc.parent, cc.index);
+                        self.relay(parent, index, Some(m), code, now, out);
+                    } else if let Some(Ctx::Client(cc)) = &ended {
+                        self.relay(cc.parent, cc.index, Some(m), code, now, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        ResponseFate::Done
+    }
+
+    fn stray(&self) -> ResponseFate {
+        self.stats.stray_responses.fetch_add(1, Relaxed);
+        ResponseFate::Done
+    }
+
+    fn send_ack<O: Outbox>(&mut self, id: TxId, resp: &Message<'_>, out: &mut O) {
+        let Some((_, Ctx::Client(cc))) = self.txns.get_mut(id) else {
+            return;
+        };
+        let dest = cc.dest;
+        let Ok(sent) = Message::parse(&cc.request, Framing::Datagram) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        if let Some(n) = cancel_or_ack(&sent, b"ACK", resp.header(HeaderName::To), &mut buf) {
+            Self::send(out, Dest::Udp(dest), &buf[..n]);
+        }
+    }
+
+    /// Branch `index` of server transaction `sid` got a response (`None`: it timed out or
+    /// could not be sent, with `code` 408 or 503).
+    fn relay<O: Outbox>(
+        &mut self,
+        sid: TxId,
+        index: usize,
+        resp: Option<&Message<'_>>,
+        code: u16,
+        now: Millis,
+        out: &mut O,
+    ) {
+        let Some((_, Ctx::Server(s))) = self.txns.get_mut(sid) else {
+            return;
+        };
+        let decision = s.rc.on_response(index, code);
+        let (upstream, invite, cancelled) = (s.upstream, s.invite, s.cancelled);
+        // What goes upstream: a response of a branch (`raw`, with a status override) or,
+        // when the chosen branch has none (it timed out), our own.
+        let (raw, status, final_code, cancel_others) = match decision {
+            Decision::Drop => return,
+            Decision::Hold => {
+                if let Some(r) = resp {
+                    s.held[index].clear();
+                    s.held[index].extend_from_slice(r.as_bytes());
+                }
+                return;
+            }
+            Decision::Forward => {
+                let Some(r) = resp else { return };
+                // §16.7 step 10: a 2xx to an INVITE cancels the other branches.
+                (
+                    r.as_bytes().to_vec(),
+                    None,
+                    code,
+                    invite && (200..300).contains(&code),
+                )
+            }
+            Decision::SendBest { branch, code: best } => {
+                let raw = match resp {
+                    Some(r) if branch == index => r.as_bytes().to_vec(),
+                    _ => std::mem::take(&mut s.held[branch]),
+                };
+                let status = (best != code_of(&raw)).then(|| (best, reason_of(best)));
+                (raw, status, best, best >= 600)
+            }
+        };
+        let request = s.request.clone();
+        let bytes = match Message::parse(&raw, Framing::Datagram).ok().and_then(|r| {
+            forward_response(&r, status.map(|(c, t)| (c, t.as_bytes())), &mut self.buf)
+        }) {
+            Some(n) => self.buf[..n].to_vec(),
+            None => {
+                let Ok(req) = Message::parse(&request, Framing::Datagram) else {
+                    return;
+                };
+                let src_addr = match upstream {
+                    Dest::Udp(a) => a,
+                    Dest::Conn(_) => self.cfg.local,
+                };
+                self.stats.answered.fetch_add(1, Relaxed);
+                Self::build_reply(&req, src_addr, final_code, reason_of(final_code))
+            }
+        };
+        Self::send(out, upstream, &bytes);
+        self.stats.relayed.fetch_add(1, Relaxed);
+        let Some((_, Ctx::Server(s))) = self.txns.get_mut(sid) else {
+            return;
+        };
+        let cancel: Vec<TxId> = if cancel_others {
+            s.rc.pending().filter_map(|i| s.branches[i]).collect()
+        } else if cancelled && code < 200 {
+            // A CANCEL came before this branch's first provisional response (§9.1).
+            s.branches[index].into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        s.response = bytes;
+        if final_code >= 101 {
+            self.txns.event(sid, Event::Send(final_code), now);
+        }
+        for b in cancel {
+            self.cancel_branch(b, now, out);
+        }
+    }
+
+    /// Fires due timers.
+    pub fn on_tick<O: Outbox>(&mut self, now: Millis, out: &mut O) {
+        let mut fired = std::mem::take(&mut self.fired);
+        let mut ended = std::mem::take(&mut self.ended);
+        fired.clear();
+        ended.clear();
+        self.txns.advance(now, |id, acts, v| {
+            for a in acts.iter() {
+                fired.push((id, a));
+            }
+            if let Err(ctx) = v {
+                ended.push((id, ctx));
+            }
+        });
+        for &(id, a) in &fired {
+            let ctx = match self.txns.get_mut(id) {
+                Some((_, c)) => Some(c),
+                None => ended.iter_mut().find(|(e, _)| *e == id).map(|(_, c)| c),
+            };
+            let Some(ctx) = ctx else { continue };
+            match (a, ctx) {
+                (Action::SendRequest, Ctx::Client(cc)) => {
+                    let (d, r) = (cc.dest, cc.request.clone());
+                    Self::send(out, Dest::Udp(d), &r);
+                }
+                (Action::SendRequest, Ctx::Cancel { request, dest }) => {
+                    let (d, r) = (*dest, request.clone());
+                    Self::send(out, Dest::Udp(d), &r);
+                }
+                (Action::SendResponse, Ctx::Server(s)) => {
+                    let (d, r) = (s.upstream, s.response.clone());
+                    Self::send(out, d, &r);
+                }
+                (Action::TimedOut(_), Ctx::Client(cc)) => {
+                    let (p, i) = (cc.parent, cc.index);
+                    self.stats.timeouts.fetch_add(1, Relaxed);
+                    // §16.7 step 2 / §16.8: a branch that timed out counts as a 408.
+                    self.relay(p, i, None, 408, now, out);
+                }
+                (Action::TimerC { provisional }, Ctx::Client(cc)) => {
+                    let (p, i) = (cc.parent, cc.index);
+                    if provisional {
+                        // §16.8: cancel the branch.
+                        self.cancel_branch(id, now, out);
+                    } else {
+                        self.stats.timeouts.fetch_add(1, Relaxed);
+                        self.relay(p, i, None, 408, now, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.fired = fired;
+        self.ended = ended;
+    }
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in b {
+        h ^= u64::from(x);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn code_of(raw: &[u8]) -> u16 {
+    raw.get(8..11)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reason phrases of the responses the proxy makes or rewrites.
+fn reason_of(code: u16) -> &'static str {
+    match code {
+        100 => "Trying",
+        200 => "OK",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        480 => "Temporarily Unavailable",
+        481 => "Call/Transaction Does Not Exist",
+        487 => "Request Terminated",
+        500 => "Server Internal Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}

@@ -1,0 +1,397 @@
+//! The stateful proxy through a worker's core, sans-IO with virtual time: a call to a
+//! registered user (INVITE → 100/180/200 → ACK → BYE), forking with best-response
+//! selection, CANCEL, timeouts (408), retransmissions, 404/480, Record-Route and loose
+//! routing (RFC 3261 §16, §17).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use sipmesh_dataplane::io::Dest;
+use sipmesh_dataplane::registrar::RegistrarConfig;
+use sipmesh_dataplane::stateful::{Proxy, ProxyConfig, ProxyStats};
+use sipmesh_dataplane::txn::TimerConfig;
+use sipmesh_dataplane::txn::table::Keys;
+
+const ME: &str = "192.0.2.1:5060";
+const CALLER: &str = "192.0.2.10:5062";
+
+fn proxy_harness() -> (Harness, Arc<ProxyStats>) {
+    let mut h = Harness::new(RegistrarConfig::default());
+    let stats = Arc::new(ProxyStats::default());
+    let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
+    h.core = core.with_proxy(Proxy::new(
+        ProxyConfig {
+            timers: TimerConfig::default(),
+            local: ME.parse().unwrap(),
+            record_route: true,
+        },
+        Arc::new(Keys::new()),
+        7,
+        0,
+        h.now,
+        stats.clone(),
+    ));
+    (h, stats)
+}
+
+/// Registers `user` with a contact at `addr` (from that address).
+fn register_at(h: &mut Harness, user: &str, addr: &str, q: &str) {
+    let r = h.send_from(
+        &register(
+            user,
+            &format!("reg-{user}-{addr}"),
+            1,
+            &[&format!("Contact: <sip:{user}@{addr}>{q}")],
+        ),
+        &udp_source(addr),
+    );
+    assert!(r.starts_with("SIP/2.0 200"), "{r}");
+    h.drain();
+}
+
+fn invite(call: &str, branch: &str) -> String {
+    format!(
+        "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP {CALLER};rport;branch={branch}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:bob@example.com>\r\n\
+         Call-ID: {call}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@{CALLER}>\r\n\
+         Content-Type: application/sdp\r\nContent-Length: 4\r\n\r\nv=0\n"
+    )
+}
+
+/// Everything the core sent since the last call: (destination, text).
+fn sent(h: &Harness) -> Vec<(Dest, String)> {
+    h.out
+        .sent
+        .iter()
+        .map(|&(d, off, len)| {
+            (
+                d,
+                String::from_utf8_lossy(&h.out.buf[off..off + len]).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn udp(a: &str) -> Dest {
+    Dest::Udp(a.parse().unwrap())
+}
+
+/// A response from the callee to the forwarded request `req` (its Via list copied).
+fn answer(req: &str, code: u16, reason: &str, to_tag: &str) -> String {
+    let mut r = format!("SIP/2.0 {code} {reason}\r\n");
+    for l in req.split("\r\n").skip(1) {
+        if l.starts_with("Via:")
+            || l.starts_with("From:")
+            || l.starts_with("Call-ID:")
+            || l.starts_with("CSeq:")
+            || l.starts_with("Record-Route:")
+        {
+            r.push_str(l);
+            r.push_str("\r\n");
+        }
+        if l.starts_with("To:") {
+            r.push_str(l);
+            if !to_tag.is_empty() && !l.contains(";tag=") {
+                r.push_str(&format!(";tag={to_tag}"));
+            }
+            r.push_str("\r\n");
+        }
+    }
+    r + "Content-Length: 0\r\n\r\n"
+}
+
+fn header<'a>(m: &'a str, name: &str) -> Option<&'a str> {
+    m.split("\r\n")
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(": ")))
+}
+
+#[test]
+fn a_call_to_a_registered_user_goes_through_and_in_dialog_requests_follow_the_route() {
+    let (mut h, stats) = proxy_harness();
+    register_at(&mut h, "bob", "198.51.100.20:5070", "");
+    h.send(&invite("call1", "z9hG4bKc1"));
+    let s = sent(&h);
+    // RFC 3261 §17.2.1: 100 Trying to the caller; §16.6: the INVITE to bob's contact.
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert_eq!(s[0].0, udp(CALLER));
+    assert!(s[0].1.starts_with("SIP/2.0 100 Trying\r\n"));
+    assert_eq!(s[1].0, udp("198.51.100.20:5070"));
+    let fwd = s[1].1.clone();
+    assert!(fwd.starts_with("INVITE sip:bob@198.51.100.20:5070 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKsm"));
+    assert!(fwd.contains("\r\nRecord-Route: <sip:192.0.2.1:5060;lr>\r\n"));
+    assert!(fwd.contains("\r\nMax-Forwards: 69\r\n"));
+    assert!(fwd.ends_with("\r\n\r\nv=0\n"));
+    // 180 and 200 come back: relayed without our Via.
+    let callee = udp_source("198.51.100.20:5070");
+    h.send_from(&answer(&fwd, 180, "Ringing", "b1"), &callee);
+    let s = sent(&h);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].0, udp(CALLER));
+    assert!(s[0].1.starts_with("SIP/2.0 180 Ringing\r\n"));
+    assert!(
+        s[0].1
+            .contains("\r\nVia: SIP/2.0/UDP 192.0.2.10:5062;rport;branch=z9hG4bKc1\r\n")
+    );
+    assert!(!s[0].1.contains("branch=z9hG4bKsm"), "our Via is gone");
+    h.send_from(&answer(&fwd, 200, "OK", "b1"), &callee);
+    let s = sent(&h);
+    assert!(s[0].1.starts_with("SIP/2.0 200 OK\r\n"));
+    assert!(s[0].1.contains("Record-Route: <sip:192.0.2.1:5060;lr>"));
+    // A retransmitted 2xx passes too (the UAC's ACK stops it).
+    h.send_from(&answer(&fwd, 200, "OK", "b1"), &callee);
+    assert_eq!(sent(&h).len(), 1);
+    // The ACK for the 2xx, with our Route, goes to bob's contact (§16.12 loose routing).
+    let ack = format!(
+        "ACK sip:bob@198.51.100.20:5070 SIP/2.0\r\nVia: SIP/2.0/UDP {CALLER};rport;branch=z9hG4bKack1\r\n\
+         Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\n\
+         To: <sip:bob@example.com>;tag=b1\r\nCall-ID: call1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+    );
+    h.send(&ack);
+    let s = sent(&h);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].0, udp("198.51.100.20:5070"));
+    assert!(s[0].1.starts_with(
+        "ACK sip:bob@198.51.100.20:5070 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK"
+    ));
+    assert!(!s[0].1.contains("Route:"), "our Route was removed");
+    // BYE from the caller: forwarded to bob statefully, 200 relayed back.
+    let bye = ack
+        .replace("ACK sip:", "BYE sip:")
+        .replace("1 ACK", "2 BYE")
+        .replace("z9hG4bKack1", "z9hG4bKbye1");
+    h.send(&bye);
+    let s = sent(&h);
+    assert_eq!(s.len(), 1);
+    assert!(
+        s[0].1
+            .starts_with("BYE sip:bob@198.51.100.20:5070 SIP/2.0\r\n")
+    );
+    let fbye = s[0].1.clone();
+    h.send_from(&answer(&fbye, 200, "OK", ""), &callee);
+    let s = sent(&h);
+    assert_eq!(s[0].0, udp(CALLER));
+    assert!(s[0].1.starts_with("SIP/2.0 200 OK\r\n") && s[0].1.contains("CSeq: 2 BYE"));
+    // Retransmitted BYE: the 200 again from the transaction, not forwarded again.
+    h.send(&bye);
+    let s = sent(&h);
+    assert_eq!(s.len(), 1);
+    assert!(s[0].1.starts_with("SIP/2.0 200 OK\r\n"));
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(stats.forwarded.load(Relaxed), 3);
+}
+
+#[test]
+fn forks_to_every_contact_and_sends_the_best_final_response_or_the_first_2xx() {
+    let (mut h, _) = proxy_harness();
+    register_at(&mut h, "bob", "198.51.100.21:5060", ";q=0.5");
+    register_at(&mut h, "bob", "198.51.100.22:5060", ";q=0.9");
+    h.send(&invite("fork1", "z9hG4bKf1"));
+    let s = sent(&h);
+    assert_eq!(s.len(), 3);
+    // Highest q first.
+    assert_eq!(s[1].0, udp("198.51.100.22:5060"));
+    assert_eq!(s[2].0, udp("198.51.100.21:5060"));
+    let (b1, b2) = (s[1].1.clone(), s[2].1.clone());
+    // One busy: held (the other is pending); ACKed hop by hop (§17.1.1.3).
+    h.send_from(
+        &answer(&b1, 486, "Busy Here", "x1"),
+        &udp_source("198.51.100.22:5060"),
+    );
+    let s = sent(&h);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].0, udp("198.51.100.22:5060"));
+    assert!(
+        s[0].1
+            .starts_with("ACK sip:bob@198.51.100.22:5060 SIP/2.0\r\n")
+    );
+    // The other declines with 404: every branch done, the best (486 over 404? both
+    // 4xx, the first) goes up.
+    h.send_from(
+        &answer(&b2, 404, "Not Found", "x2"),
+        &udp_source("198.51.100.21:5060"),
+    );
+    let s = sent(&h);
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert!(s[0].1.starts_with("ACK "));
+    assert_eq!(s[1].0, udp(CALLER));
+    assert!(
+        s[1].1.starts_with("SIP/2.0 486 Busy Here\r\n"),
+        "{}",
+        s[1].1
+    );
+    // The caller's ACK for the 486 is absorbed by the server transaction.
+    let ack = format!(
+        "ACK sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP {CALLER};rport;branch=z9hG4bKf1\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:bob@example.com>;tag=x1\r\n\
+         Call-ID: fork1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+    );
+    h.send(&ack);
+    assert!(sent(&h).is_empty());
+
+    // A 2xx goes up at once, and the other branch is cancelled (§16.7 step 10).
+    h.send(&invite("fork2", "z9hG4bKf2"));
+    let s = sent(&h);
+    let (b1, b2) = (s[1].1.clone(), s[2].1.clone());
+    h.send_from(
+        &answer(&b2, 180, "Ringing", "y2"),
+        &udp_source("198.51.100.21:5060"),
+    );
+    h.send_from(
+        &answer(&b1, 200, "OK", "y1"),
+        &udp_source("198.51.100.22:5060"),
+    );
+    let s = sent(&h);
+    assert!(s[0].1.starts_with("SIP/2.0 200 OK\r\n"));
+    assert_eq!(s[1].0, udp("198.51.100.21:5060"));
+    assert!(
+        s[1].1
+            .starts_with("CANCEL sip:bob@198.51.100.21:5060 SIP/2.0\r\n")
+    );
+}
+
+#[test]
+fn cancel_reaches_the_branch_and_the_caller_gets_487() {
+    let (mut h, stats) = proxy_harness();
+    register_at(&mut h, "bob", "198.51.100.30:5060", "");
+    h.send(&invite("can1", "z9hG4bKx1"));
+    let fwd = sent(&h)[1].1.clone();
+    let callee = udp_source("198.51.100.30:5060");
+    h.send_from(&answer(&fwd, 180, "Ringing", "c1"), &callee);
+    let cancel = format!(
+        "CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP {CALLER};rport;branch=z9hG4bKx1\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:bob@example.com>\r\n\
+         Call-ID: can1\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    );
+    h.send(&cancel);
+    let s = sent(&h);
+    // §9.2: 200 to the CANCEL; §16.10: a CANCEL to the pending branch.
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert!(s[0].1.starts_with("SIP/2.0 200 OK\r\n") && s[0].1.contains("CSeq: 1 CANCEL"));
+    assert_eq!(s[1].0, udp("198.51.100.30:5060"));
+    let fcancel = s[1].1.clone();
+    assert!(fcancel.starts_with("CANCEL sip:bob@198.51.100.30:5060 SIP/2.0\r\n"));
+    // Same branch as the INVITE it cancels (§9.1).
+    assert_eq!(
+        header(&fcancel, "Via"),
+        header(&fwd, "Via").map(|v| v.split(',').next().unwrap())
+    );
+    h.send_from(&answer(&fcancel, 200, "OK", "c1"), &callee);
+    assert!(sent(&h).is_empty(), "the CANCEL's 200 stays here");
+    h.send_from(&answer(&fwd, 487, "Request Terminated", "c1"), &callee);
+    let s = sent(&h);
+    assert!(s[0].1.starts_with("ACK "));
+    assert!(s[1].1.starts_with("SIP/2.0 487 Request Terminated\r\n"));
+    assert_eq!(s[1].0, udp(CALLER));
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(stats.cancels.load(Relaxed), 1);
+    // A CANCEL for nothing: 481.
+    h.send(
+        &cancel
+            .replace("can1", "nothing")
+            .replace("z9hG4bKx1", "z9hG4bKx2"),
+    );
+    assert!(sent(&h)[0].1.starts_with("SIP/2.0 481 "));
+}
+
+#[test]
+fn an_unanswered_branch_is_retransmitted_then_times_out_with_408() {
+    let (mut h, stats) = proxy_harness();
+    register_at(&mut h, "bob", "198.51.100.40:5060", "");
+    h.send(&invite("to1", "z9hG4bKt1"));
+    let mut retrans = 0;
+    let mut got_408 = false;
+    for _ in 0..3300 {
+        h.advance(10);
+        for (d, m) in sent(&h) {
+            if d == udp("198.51.100.40:5060") && m.starts_with("INVITE ") {
+                retrans += 1;
+            }
+            if d == udp(CALLER) && m.starts_with("SIP/2.0 408 Request Timeout\r\n") {
+                got_408 = true;
+            }
+        }
+    }
+    // Timer A: 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s; timer B at 32 s → 408 (§16.7, §17.1.1.2).
+    assert_eq!(retrans, 6);
+    assert!(got_408);
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(stats.timeouts.load(Relaxed), 1);
+}
+
+#[test]
+fn unknown_users_get_404_and_retransmitted_invites_get_100_again() {
+    let (mut h, _) = proxy_harness();
+    h.send(&invite("nf1", "z9hG4bKn1"));
+    let s = sent(&h);
+    assert_eq!(s.len(), 1);
+    assert!(s[0].1.starts_with("SIP/2.0 404 Not Found\r\n"));
+    register_at(&mut h, "bob", "198.51.100.50:5060", "");
+    h.send(&invite("rt1", "z9hG4bKr1"));
+    assert_eq!(sent(&h).len(), 2);
+    h.send(&invite("rt1", "z9hG4bKr1"));
+    let s = sent(&h);
+    assert_eq!(s.len(), 1, "absorbed: only the 100 again");
+    assert!(s[0].1.starts_with("SIP/2.0 100 Trying\r\n"));
+    // Max-Forwards 0: 483 (§16.3 step 2).
+    h.send(&invite("mf", "z9hG4bKm1").replace("Max-Forwards: 70", "Max-Forwards: 0"));
+    assert!(sent(&h)[0].1.starts_with("SIP/2.0 483 "));
+    // A Proxy-Require we do not support: 420 (§16.3 step 5).
+    h.send(
+        &invite("pr", "z9hG4bKp1")
+            .replace("Max-Forwards: 70", "Max-Forwards: 70\r\nProxy-Require: foo"),
+    );
+    let r = &sent(&h)[0].1;
+    assert!(
+        r.starts_with("SIP/2.0 420 ") && r.contains("Unsupported: foo"),
+        "{r}"
+    );
+}
+
+#[test]
+fn message_and_other_non_invite_requests_are_routed_the_same_way() {
+    let (mut h, _) = proxy_harness();
+    register_at(&mut h, "bob", "198.51.100.60:5060", "");
+    let msg = format!(
+        "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP {CALLER};rport;branch=z9hG4bKm1\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:bob@example.com>\r\n\
+         Call-ID: m1\r\nCSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi"
+    );
+    h.send(&msg);
+    let s = sent(&h);
+    assert_eq!(s.len(), 1, "no 100 for a non-INVITE");
+    let fwd = s[0].1.clone();
+    assert!(fwd.starts_with("MESSAGE sip:bob@198.51.100.60:5060 SIP/2.0\r\n"));
+    assert!(!fwd.contains("Record-Route"));
+    h.send_from(
+        &answer(&fwd, 202, "Accepted", "b"),
+        &udp_source("198.51.100.60:5060"),
+    );
+    assert!(sent(&h)[0].1.starts_with("SIP/2.0 202 Accepted\r\n"));
+    // OPTIONS to the node itself is still answered by the node.
+    let opt = msg
+        .replace("MESSAGE sip:bob@example.com", "OPTIONS sip:example.com")
+        .replace("1 MESSAGE", "1 OPTIONS")
+        .replace("z9hG4bKm1", "z9hG4bKo1");
+    h.send(&opt);
+    let r = &sent(&h)[0].1;
+    assert!(
+        r.starts_with("SIP/2.0 200 OK\r\n") && r.contains("Allow: INVITE, ACK, CANCEL, BYE"),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_forged_branch_is_not_taken_for_ours() {
+    let (mut h, stats) = proxy_harness();
+    // A branch in our format but under another process's key: not ours.
+    let resp = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKsm0007000100000001000000010000abcd\r\n\
+                Via: SIP/2.0/UDP 192.0.2.10:5062;branch=z9hG4bKq\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\n\
+                Call-ID: s1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+    h.send(resp);
+    assert!(sent(&h).is_empty());
+    use std::sync::atomic::Ordering::Relaxed;
+    // Another process's MAC: not ours at all (dropped as a stray response).
+    assert_eq!(stats.other_worker.load(Relaxed), 0);
+}
