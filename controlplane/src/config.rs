@@ -28,6 +28,7 @@ struct FileConfig {
     sip: SipSection,
     tcp: TcpSection,
     registrar: RegistrarSection,
+    proxy: ProxySection,
     nat: NatSection,
     store: StoreSection,
     usrloc: UsrlocSection,
@@ -66,6 +67,25 @@ struct TagsSection {
     header: String,
     listeners: Vec<String>,
     domains: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxySection {
+    enabled: bool,
+    record_route: bool,
+    t1_ms: u64,
+    t2_ms: u64,
+    t4_ms: u64,
+    timer_c_ms: u64,
+}
+
+/// The stateful proxy's settings.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub enabled: bool,
+    pub record_route: bool,
+    pub timers: sipmesh_dataplane::txn::TimerConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,6 +300,7 @@ pub struct StoreConfig {
 pub struct Config {
     pub store: StoreConfig,
     pub nat: NatConfig,
+    pub proxy: ProxySettings,
     pub node_id: u16,
     pub cluster: ClusterConfig,
     pub io: IoConfig,
@@ -724,9 +745,40 @@ impl Config {
                 "must not contain control characters",
             ));
         }
+        let p = &f.proxy;
+        if !(1..=10_000).contains(&p.t1_ms) {
+            return Err(err("proxy.t1_ms", "must be between 1 and 10000"));
+        }
+        if p.t2_ms < p.t1_ms || p.t2_ms > 60_000 {
+            return Err(err(
+                "proxy.t2_ms",
+                "must be at least proxy.t1_ms and at most 60000",
+            ));
+        }
+        if !(1..=60_000).contains(&p.t4_ms) {
+            return Err(err("proxy.t4_ms", "must be between 1 and 60000"));
+        }
+        // RFC 3261 §16.6 step 11: timer C is more than 3 minutes.
+        if !(180_001..=3_600_000).contains(&p.timer_c_ms) {
+            return Err(err(
+                "proxy.timer_c_ms",
+                "must be more than 180000 (RFC 3261 §16.6) and at most 3600000",
+            ));
+        }
+        let proxy = ProxySettings {
+            enabled: p.enabled,
+            record_route: p.record_route,
+            timers: sipmesh_dataplane::txn::TimerConfig {
+                t1: p.t1_ms,
+                t2: p.t2_ms,
+                t4: p.t4_ms,
+                timer_c: p.timer_c_ms,
+            },
+        };
         Ok(Config {
             store,
             nat,
+            proxy,
             node_id: f.node.id,
             cluster,
             io: IoConfig {

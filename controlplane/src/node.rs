@@ -21,6 +21,12 @@ use sipmesh_dataplane::durable::{DurableShared, Gate};
 
 use crate::config::Config;
 use crate::grpc::{Attached, ControlOptions, ControlPlane, ControlStats, KeepaliveAttach};
+use sipmesh_dataplane::mailbox::mailboxes;
+use sipmesh_dataplane::stateful::{Proxy, ProxyConfig, ProxyStats};
+use sipmesh_dataplane::txn::table::Keys;
+
+/// Bytes of each worker-to-worker mailbox ring.
+const MAILBOX_BYTES: usize = 1 << 20;
 
 /// Ping orders a worker's ring holds.
 const ORDER_RING: usize = 4096;
@@ -42,6 +48,8 @@ pub struct Node {
     pub core_stats: Vec<Arc<CoreStats>>,
     /// Keepalive counters per worker.
     pub ping_stats: Vec<Arc<PingStats>>,
+    /// Proxy counters per worker.
+    pub proxy_stats: Vec<Arc<ProxyStats>>,
     pub registrar_stats: Vec<Arc<RegistrarStats>>,
     pub control_stats: Arc<ControlStats>,
     /// The gRPC address the control plane listens on.
@@ -172,6 +180,15 @@ impl Node {
             .ok()
             .or(config.io.udp.first().copied())
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5060)));
+        // Responses reaching another worker's socket are steered to the owner.
+        let mailboxes = Arc::new(Mutex::new(
+            mailboxes(n, MAILBOX_BYTES)
+                .into_iter()
+                .map(Some)
+                .collect::<Vec<_>>(),
+        ));
+        let keys = Arc::new(Keys::new());
+        let proxy_stats: Vec<Arc<ProxyStats>> = (0..n).map(|_| Arc::default()).collect();
         let core_stats: Vec<Arc<CoreStats>> = (0..n).map(|_| Arc::default()).collect();
         let registrar_stats: Vec<Arc<RegistrarStats>> = (0..n).map(|_| Arc::default()).collect();
         let make = {
@@ -187,6 +204,8 @@ impl Node {
             let park_bytes = config.store.park_bytes;
             let max_msg = config.io.max_message_size;
             let (segment, acks, ping_stats) = (segment.clone(), acks.clone(), ping_stats.clone());
+            let (proxy_cfg, keys, proxy_stats) =
+                (config.proxy.clone(), keys.clone(), proxy_stats.clone());
             move |i: usize| {
                 // Start-up only: each worker takes its ring's producing half once.
                 let producer = producers
@@ -225,6 +244,28 @@ impl Node {
                         node.0,
                         ping_stats[i].clone(),
                     ));
+                let core = if proxy_cfg.enabled {
+                    let mb = mailboxes
+                        .lock()
+                        .ok()
+                        .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+                        .expect("one mailbox per worker");
+                    core.with_proxy(Proxy::new(
+                        ProxyConfig {
+                            timers: proxy_cfg.timers,
+                            local: ping_from,
+                            record_route: proxy_cfg.record_route,
+                        },
+                        keys.clone(),
+                        node.0,
+                        i as u16,
+                        io::now_millis(),
+                        proxy_stats[i].clone(),
+                    ))
+                    .with_mailbox(mb)
+                } else {
+                    core
+                };
                 match gates.get(i) {
                     Some(g) => {
                         core.with_durability_gate(Gate::new(g.clone(), park_bytes, max_msg, slack))
@@ -273,6 +314,7 @@ impl Node {
             usrloc,
             core_stats,
             ping_stats,
+            proxy_stats,
             registrar_stats,
             control_stats: control.stats.clone(),
             grpc_addr: control.grpc_addr,

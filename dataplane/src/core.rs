@@ -14,6 +14,7 @@ use sip_wire::{Checked, ErrorKind, Framing, HeaderName, Message, Method, StartLi
 use crate::date::DateCache;
 use crate::durable::Gate;
 use crate::io::{Dest, Handler, Millis, Outbox, Source, Transport};
+use crate::mailbox::Mailbox;
 use crate::pinger::Pinger;
 use crate::registrar::{RegReply, Registrar};
 use crate::stateful::{Proxy, ResponseFate};
@@ -74,6 +75,8 @@ pub struct Core {
     pinger: Option<Pinger>,
     /// The stateful proxy (None: registrar only).
     proxy: Option<Proxy>,
+    /// Messages for other workers' transactions, and theirs for ours.
+    mailbox: Option<Mailbox>,
 }
 
 /// One request being answered: the message, how to address the reply, where it came
@@ -96,7 +99,28 @@ impl Core {
             tag_key: std::hash::RandomState::new(),
             pinger: None,
             proxy: None,
+            mailbox: None,
         }
+    }
+
+    /// Steering of responses between workers.
+    pub fn with_mailbox(mut self, m: Mailbox) -> Core {
+        self.mailbox = Some(m);
+        self
+    }
+
+    /// Handles the messages other workers passed to this one.
+    fn drain_mailbox<O: Outbox>(&mut self, now: Millis, out: &mut O) {
+        let Some(mut mb) = self.mailbox.take() else {
+            return;
+        };
+        // A bounded batch per call, so a flood from the others cannot starve our socket.
+        for _ in 0..256 {
+            if !mb.recv(|msg, src| self.handle(msg, src, now, out, false)) {
+                break;
+            }
+        }
+        self.mailbox = Some(mb);
     }
 
     /// Stateful proxying of every request the node does not answer itself.
@@ -420,8 +444,17 @@ pub fn response_dest(via: &Via<'_>, src: &Source) -> Dest {
     Dest::Udp(SocketAddr::new(src.remote.ip(), port))
 }
 
-impl Handler for Core {
-    fn on_message<O: Outbox>(&mut self, msg: &[u8], src: &Source, now: Millis, out: &mut O) {
+impl Core {
+    /// One message; `steer`: a message for another worker's transaction may be passed on
+    /// (not when it came from another worker already).
+    fn handle<O: Outbox>(
+        &mut self,
+        msg: &[u8],
+        src: &Source,
+        now: Millis,
+        out: &mut O,
+        steer: bool,
+    ) {
         let framing = match src.transport {
             Transport::Udp => Framing::Datagram,
             Transport::Tcp => Framing::Stream,
@@ -440,9 +473,15 @@ impl Handler for Core {
                     };
                     match fate {
                         ResponseFate::Done => return,
-                        ResponseFate::Steer(_) => {
-                            // Steering to the owning worker comes with the worker mailboxes.
-                            self.stats.dropped.fetch_add(1, Relaxed);
+                        ResponseFate::Steer(w) => {
+                            let sent = steer
+                                && self
+                                    .mailbox
+                                    .as_mut()
+                                    .is_some_and(|mb| mb.send(w, src, m.as_bytes()));
+                            if !sent {
+                                self.stats.dropped.fetch_add(1, Relaxed);
+                            }
                             return;
                         }
                         ResponseFate::NotOurs => {}
@@ -468,6 +507,15 @@ impl Handler for Core {
                 }
             },
         }
+    }
+}
+
+impl Handler for Core {
+    fn on_message<O: Outbox>(&mut self, msg: &[u8], src: &Source, now: Millis, out: &mut O) {
+        if self.mailbox.is_some() {
+            self.drain_mailbox(now, out);
+        }
+        self.handle(msg, src, now, out, true);
     }
 
     fn on_oversize<O: Outbox>(&mut self, head: &[u8], src: &Source, now: Millis, out: &mut O) {
@@ -495,6 +543,9 @@ impl Handler for Core {
 
     fn on_tick<O: Outbox>(&mut self, now: Millis, out: &mut O) {
         self.registrar.on_tick(now);
+        if self.mailbox.is_some() {
+            self.drain_mailbox(now, out);
+        }
         if let Some(p) = self.proxy.as_mut() {
             p.on_tick(now, out);
         }

@@ -5,6 +5,7 @@ pub mod core;
 pub mod date;
 pub mod durable;
 pub mod io;
+pub mod mailbox;
 pub mod pinger;
 pub mod proxy;
 pub mod registrar;

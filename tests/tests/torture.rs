@@ -63,7 +63,14 @@ const EXPECTED: &[(&str, u16)] = &[
 
 #[test]
 fn the_node_answers_every_torture_message_as_described() {
-    let mut sipd = Sipd::start(TEST_CONFIG.replace("4096", "65535").as_str(), &[]);
+    // The expectations are those of a registrar (the UAS role: 405 for an INVITE, 501
+    // for an unknown method, Require checked); as a proxy the node would route the
+    // valid requests instead (404 for users it does not know).
+    let config = format!(
+        "{}\n[proxy]\nenabled = false\n",
+        TEST_CONFIG.replace("4096", "65535")
+    );
+    let mut sipd = Sipd::start(&config, &[]);
     // The corpus's Vias name port 5060 (or ask for rport): the client sits on 5060 of an
     // address of its own, so replies sent by RFC 3261 §18.2.2 reach it.
     let ip = IpAddr::V4(client_ip());
