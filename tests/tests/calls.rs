@@ -84,8 +84,7 @@ fn sipp_uac_calls_a_registered_sipp_uas_through_the_proxy_with_no_failure() {
     );
     let ok = stdout
         .lines()
-        .filter(|l| l.contains("Successful call"))
-        .next_back()
+        .rfind(|l| l.contains("Successful call"))
         .unwrap_or_default()
         .to_string();
     println!("{ok}");
