@@ -29,6 +29,8 @@ struct FileConfig {
     tcp: TcpSection,
     registrar: RegistrarSection,
     proxy: ProxySection,
+    dialog: DialogSection,
+    cdr: CdrSection,
     nat: NatSection,
     store: StoreSection,
     usrloc: UsrlocSection,
@@ -80,12 +82,38 @@ struct ProxySection {
     timer_c_ms: u64,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DialogSection {
+    lifetime_s: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CdrSection {
+    enabled: bool,
+    path: String,
+    rotate_bytes: u64,
+    rotate_s: u64,
+}
+
 /// The stateful proxy's settings.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     pub enabled: bool,
     pub record_route: bool,
     pub timers: sipmesh_dataplane::txn::TimerConfig,
+    /// Lifetime limit of a call.
+    pub dialog_lifetime_ms: u64,
+}
+
+/// Call detail records.
+#[derive(Debug, Clone)]
+pub struct CdrConfig {
+    pub enabled: bool,
+    pub path: std::path::PathBuf,
+    pub rotate_bytes: u64,
+    pub rotate_s: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,6 +329,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub nat: NatConfig,
     pub proxy: ProxySettings,
+    pub cdr: CdrConfig,
     pub node_id: u16,
     pub cluster: ClusterConfig,
     pub io: IoConfig,
@@ -765,7 +794,27 @@ impl Config {
                 "must be more than 180000 (RFC 3261 §16.6) and at most 3600000",
             ));
         }
+        if !(1..=604_800).contains(&f.dialog.lifetime_s) {
+            return Err(err("dialog.lifetime_s", "must be between 1 and 604800"));
+        }
+        let c = &f.cdr;
+        if c.enabled && c.path.is_empty() {
+            return Err(err("cdr.path", "must name a file when CDRs are enabled"));
+        }
+        if c.rotate_bytes < 4096 {
+            return Err(err("cdr.rotate_bytes", "must be at least 4096"));
+        }
+        if c.rotate_s == 0 {
+            return Err(err("cdr.rotate_s", "must be at least 1"));
+        }
+        let cdr = CdrConfig {
+            enabled: c.enabled,
+            path: c.path.clone().into(),
+            rotate_bytes: c.rotate_bytes,
+            rotate_s: c.rotate_s,
+        };
         let proxy = ProxySettings {
+            dialog_lifetime_ms: f.dialog.lifetime_s * 1000,
             enabled: p.enabled,
             record_route: p.record_route,
             timers: sipmesh_dataplane::txn::TimerConfig {
@@ -779,6 +828,7 @@ impl Config {
             store,
             nat,
             proxy,
+            cdr,
             node_id: f.node.id,
             cluster,
             io: IoConfig {

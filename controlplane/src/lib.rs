@@ -1,6 +1,7 @@
 //! The control plane of a sipmesh node and the `sipd` binary's building blocks.
 #![forbid(unsafe_code)]
 
+pub mod cdr;
 pub mod config;
 pub mod grpc;
 pub mod mesh;

@@ -21,8 +21,14 @@ use sipmesh_dataplane::durable::{DurableShared, Gate};
 
 use crate::config::Config;
 use crate::grpc::{Attached, ControlOptions, ControlPlane, ControlStats, KeepaliveAttach};
+use sipmesh_cluster::dialog::DialogTable;
 use sipmesh_dataplane::mailbox::mailboxes;
-use sipmesh_dataplane::stateful::{Proxy, ProxyConfig, ProxyStats};
+use sipmesh_dataplane::stateful::{DialogShare, Proxy, ProxyConfig, ProxyStats};
+
+use crate::cdr::CdrWriter;
+
+/// Bytes of each worker's CDR ring (about 3 000 CDRs).
+const CDR_RING_BYTES: usize = 1 << 20;
 use sipmesh_dataplane::txn::table::Keys;
 
 /// Bytes of each worker-to-worker mailbox ring.
@@ -62,6 +68,9 @@ pub struct Node {
     pub segment: Arc<Segment>,
     shutdown: Arc<AtomicBool>,
     workers_done: Arc<AtomicBool>,
+    cdr: Option<CdrWriter>,
+    /// Every live call.
+    pub dialogs: Arc<DialogTable>,
     control: Option<ControlPlane>,
     persister: Option<Persister>,
 }
@@ -188,6 +197,19 @@ impl Node {
                 .collect::<Vec<_>>(),
         ));
         let keys = Arc::new(Keys::new());
+        // Calls: one table for the node; each worker hands finished calls to the CDR
+        // writer over a ring of its own.
+        let dialogs = Arc::new(DialogTable::new(4096));
+        let mut cdr_rx = Vec::with_capacity(n);
+        let cdr_tx = Arc::new(Mutex::new(
+            (0..n)
+                .map(|_| {
+                    let (p, c) = rtrb::RingBuffer::new(CDR_RING_BYTES);
+                    cdr_rx.push(c);
+                    Some(p)
+                })
+                .collect::<Vec<_>>(),
+        ));
         let proxy_stats: Vec<Arc<ProxyStats>> = (0..n).map(|_| Arc::default()).collect();
         let core_stats: Vec<Arc<CoreStats>> = (0..n).map(|_| Arc::default()).collect();
         let registrar_stats: Vec<Arc<RegistrarStats>> = (0..n).map(|_| Arc::default()).collect();
@@ -206,6 +228,7 @@ impl Node {
             let (segment, acks, ping_stats) = (segment.clone(), acks.clone(), ping_stats.clone());
             let (proxy_cfg, keys, proxy_stats) =
                 (config.proxy.clone(), keys.clone(), proxy_stats.clone());
+            let (dialogs, cdr_tx) = (dialogs.clone(), cdr_tx.clone());
             move |i: usize| {
                 // Start-up only: each worker takes its ring's producing half once.
                 let producer = producers
@@ -250,18 +273,30 @@ impl Node {
                         .ok()
                         .and_then(|mut v| v.get_mut(i).and_then(Option::take))
                         .expect("one mailbox per worker");
-                    core.with_proxy(Proxy::new(
-                        ProxyConfig {
-                            timers: proxy_cfg.timers,
-                            local: ping_from,
-                            record_route: proxy_cfg.record_route,
-                        },
-                        keys.clone(),
-                        node.0,
-                        i as u16,
-                        io::now_millis(),
-                        proxy_stats[i].clone(),
-                    ))
+                    core.with_proxy(
+                        Proxy::new(
+                            ProxyConfig {
+                                timers: proxy_cfg.timers,
+                                local: ping_from,
+                                record_route: proxy_cfg.record_route,
+                                dialog_lifetime_ms: proxy_cfg.dialog_lifetime_ms,
+                            },
+                            keys.clone(),
+                            node.0,
+                            i as u16,
+                            io::now_millis(),
+                            proxy_stats[i].clone(),
+                        )
+                        .with_dialogs(DialogShare {
+                            table: dialogs.clone(),
+                            cdrs: cdr_tx
+                                .lock()
+                                .ok()
+                                .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+                                .expect("one CDR ring per worker"),
+                            segment: segment.clone(),
+                        }),
+                    )
                     .with_mailbox(mb)
                 } else {
                     core
@@ -275,6 +310,7 @@ impl Node {
             }
         };
         let workers_done = Arc::new(AtomicBool::new(false));
+        let cdr = CdrWriter::start(config.cdr.clone(), cdr_rx, workers_done.clone())?;
         // The gRPC listener is bound first, so that a taken port fails the start cleanly.
         let control = ControlPlane::start(
             &config,
@@ -291,6 +327,7 @@ impl Node {
                 persister: persister.as_ref(),
                 segment: segment.clone(),
                 control_ring,
+                dialogs: Some(dialogs.clone()),
                 keepalive: Some(KeepaliveAttach {
                     orders: order_tx,
                     acks,
@@ -323,6 +360,8 @@ impl Node {
             segment,
             shutdown,
             workers_done,
+            cdr: Some(cdr),
+            dialogs,
             control: Some(control),
             persister,
         })
@@ -339,6 +378,9 @@ impl Node {
         // Workers are gone: the control plane drains what they left and stops.
         self.workers_done.store(true, Ordering::SeqCst);
         if let Some(c) = self.control.take() {
+            c.join();
+        }
+        if let Some(c) = self.cdr.take() {
             c.join();
         }
         // Then the write-behind writes (and syncs) what it was given.

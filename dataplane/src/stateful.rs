@@ -27,6 +27,28 @@ use crate::proxy::{
 use crate::registrar::{Lookup, Registrar};
 use crate::txn::table::{BranchId, Keys, TxId, TxTable};
 use crate::txn::{Action, Event, Kind, Reliability, TimerConfig, Transaction};
+use sipmesh_cluster::NodeId;
+use sipmesh_cluster::dialog::{Dialog, DialogState, DialogTable, EndReason, Party, dialog_key};
+use sipmesh_cluster::ownership::{Segment, bucket_of};
+
+/// The ownership slot of untagged data (dialogs carry no tag yet).
+const DEFAULT_TAG_SLOT: usize = 0;
+
+/// Appends `s` as a JSON string (RFC 8259 §7 escapes; other octets as they are).
+fn json_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    for &b in s {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0..=0x1f | 0x7f => {
+                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
 
 /// How the proxy runs.
 #[derive(Debug, Clone)]
@@ -37,6 +59,19 @@ pub struct ProxyConfig {
     pub local: SocketAddr,
     /// Record-Route INVITEs (so in-dialog requests come through us).
     pub record_route: bool,
+    /// Lifetime limit of a call (ms).
+    pub dialog_lifetime_ms: u64,
+}
+
+/// What the proxy shares with the rest of the node for dialogs.
+pub struct DialogShare {
+    /// Every live call.
+    pub table: Arc<DialogTable>,
+    /// Where finished calls go, as CDR lines (a JSON object and a newline, framed by a
+    /// u32 LE length); the control plane writes them to the CDR file.
+    pub cdrs: rtrb::Producer<u8>,
+    /// The ownership segment: a CDR is written where the node acts on the dialog.
+    pub segment: Arc<Segment>,
 }
 
 /// Counters.
@@ -58,6 +93,14 @@ pub struct ProxyStats {
     pub timeouts: AtomicU64,
     /// CANCELs received that found their INVITE.
     pub cancels: AtomicU64,
+    /// Calls tracked from their INVITE.
+    pub dialogs_created: AtomicU64,
+    /// CDRs handed to the writer.
+    pub cdrs: AtomicU64,
+    /// CDRs dropped: the writer's ring was full.
+    pub cdrs_dropped: AtomicU64,
+    /// Calls whose end another node records (not ours to act on).
+    pub cdrs_not_owner: AtomicU64,
 }
 
 /// What a response belongs to, when not to this worker.
@@ -85,6 +128,8 @@ struct ServerCtx {
     invite: bool,
     /// A CANCEL came: branches cancel as soon as they may (after a provisional, §9.1).
     cancelled: bool,
+    /// The key of the dialog this INVITE creates.
+    dialog: Option<Vec<u8>>,
 }
 
 struct ClientCtx {
@@ -126,6 +171,9 @@ pub struct Proxy {
     targets: Vec<Target>,
     fired: Vec<(TxId, Action)>,
     ended: Vec<(TxId, Ctx)>,
+    dialogs: Option<DialogShare>,
+    dkey: Vec<u8>,
+    cdr: Vec<u8>,
 }
 
 /// Next hop of a URI with a literal address (no DNS here).
@@ -177,6 +225,182 @@ impl Proxy {
             targets: Vec::new(),
             fired: Vec::new(),
             ended: Vec::new(),
+            dialogs: None,
+            dkey: Vec::new(),
+            cdr: Vec::with_capacity(2048),
+        }
+    }
+    /// Track every call in `share.table` and write a CDR when it ends.
+    pub fn with_dialogs(mut self, share: DialogShare) -> Proxy {
+        self.dialogs = Some(share);
+        self
+    }
+
+    /// A call starts: its INVITE is forwarded.
+    fn dialog_start(&mut self, c: &Checked<'_>, now: Millis) -> Option<Vec<u8>> {
+        let d = self.dialogs.as_ref()?;
+        let from_tag = c.from.tag().unwrap_or_default();
+        dialog_key(c.call_id, from_tag, &mut self.dkey);
+        let dialog = Dialog {
+            id: d.table.next_id(NodeId(self.node), self.worker),
+            state: DialogState::Unconfirmed,
+            call_id: Box::from(c.call_id),
+            from_tag: Box::from(from_tag),
+            to_tag: Box::default(),
+            early_tags: 0,
+            caller: Box::from(c.from.uri),
+            callee: Box::from(c.request_uri.raw),
+            created_ms: now,
+            answered_ms: 0,
+            ended_ms: 0,
+            expires_ms: now + self.cfg.dialog_lifetime_ms,
+            end: None,
+            origin: NodeId(self.node),
+        };
+        if d.table.insert(&self.dkey, dialog) {
+            self.stats.dialogs_created.fetch_add(1, Relaxed);
+        }
+        Some(self.dkey.clone())
+    }
+
+    /// The INVITE of dialog `key` got a response `code` with the callee's tag `to_tag`
+    /// (`ours`: the proxy made it, e.g. a 408).
+    fn dialog_response(
+        &mut self,
+        key: &[u8],
+        code: u16,
+        to_tag: &[u8],
+        cancelled: bool,
+        ours: bool,
+        now: Millis,
+    ) {
+        let Some(d) = self.dialogs.as_ref() else {
+            return;
+        };
+        let ended = d.table.update(key, |cur| {
+            let mut n = cur.clone();
+            match (code, cur.state) {
+                (_, DialogState::Confirmed) => return None,
+                (101..=199, DialogState::Unconfirmed | DialogState::Early)
+                    if !to_tag.is_empty() && *cur.to_tag != *to_tag =>
+                {
+                    n.state = DialogState::Early;
+                    n.to_tag = Box::from(to_tag);
+                    n.early_tags = n.early_tags.saturating_add(1);
+                }
+                (200..=299, _) => {
+                    n.state = DialogState::Confirmed;
+                    n.to_tag = Box::from(to_tag);
+                    n.answered_ms = now;
+                }
+                (300..=699, _) => {
+                    n.state = DialogState::Terminated;
+                    n.ended_ms = now;
+                    n.end = Some(if cancelled && code == 487 {
+                        (EndReason::Cancelled, Party::Caller)
+                    } else if ours {
+                        (EndReason::Failed(code), Party::Proxy)
+                    } else {
+                        (EndReason::Failed(code), Party::Callee)
+                    });
+                }
+                _ => return None,
+            }
+            Some(n)
+        });
+        if let Some(e) = ended.filter(|e| e.state == DialogState::Terminated) {
+            self.cdr(&e, now);
+        }
+    }
+
+    /// An in-dialog BYE: the call ends, hung up by whoever sent it.
+    fn dialog_bye(&mut self, c: &Checked<'_>, now: Millis) {
+        let Some(d) = self.dialogs.as_ref() else {
+            return;
+        };
+        let (from_tag, to_tag) = (
+            c.from.tag().unwrap_or_default(),
+            c.to.tag().unwrap_or_default(),
+        );
+        let bye = |by: Party| {
+            move |cur: &Dialog| {
+                let mut n = cur.clone();
+                n.state = DialogState::Terminated;
+                n.ended_ms = now;
+                n.end = Some((EndReason::Bye, by));
+                Some(n)
+            }
+        };
+        dialog_key(c.call_id, from_tag, &mut self.dkey);
+        let mut ended = d.table.update(&self.dkey, bye(Party::Caller));
+        if ended.is_none() {
+            dialog_key(c.call_id, to_tag, &mut self.dkey);
+            ended = d.table.update(&self.dkey, bye(Party::Callee));
+        }
+        if let Some(e) = ended {
+            self.cdr(&e, now);
+        }
+    }
+
+    /// Hands the CDR of a finished call to the writer, where this node acts on the
+    /// dialog (the ownership segment).
+    fn cdr(&mut self, d: &Dialog, now: Millis) {
+        let Some(share) = self.dialogs.as_mut() else {
+            return;
+        };
+        if !share
+            .segment
+            .acts_on_at(DEFAULT_TAG_SLOT, bucket_of(&d.call_id), now)
+            .0
+        {
+            self.stats.cdrs_not_owner.fetch_add(1, Relaxed);
+            return;
+        }
+        let c = &mut self.cdr;
+        c.clear();
+        c.extend_from_slice(format!("{{\"dialog_id\":\"{:016x}\",\"caller\":", d.id).as_bytes());
+        json_str(c, &d.caller);
+        c.extend_from_slice(b",\"callee\":");
+        json_str(c, &d.callee);
+        c.extend_from_slice(b",\"call_id\":");
+        json_str(c, &d.call_id);
+        let (reason, by) = d.end.unwrap_or((EndReason::Bye, Party::Proxy));
+        c.extend_from_slice(
+            format!(
+                ",\"setup_ms\":{},\"answer_ms\":{},\"end_ms\":{},\"duration_ms\":{},\"end_reason\":\"",
+                d.created_ms,
+                d.answered_ms,
+                d.ended_ms,
+                d.duration_ms()
+            )
+            .as_bytes(),
+        );
+        reason.write(c);
+        c.extend_from_slice(
+            format!(
+                "\",\"hung_up_by\":\"{}\",\"node\":{}}}\n",
+                by.as_str(),
+                self.node
+            )
+            .as_bytes(),
+        );
+        let len = (c.len() as u32).to_le_bytes();
+        match share.cdrs.write_chunk(4 + c.len()) {
+            Ok(mut chunk) => {
+                let (a, b) = chunk.as_mut_slices();
+                for (x, v) in a
+                    .iter_mut()
+                    .chain(b.iter_mut())
+                    .zip(len.iter().chain(c.iter()))
+                {
+                    *x = *v;
+                }
+                chunk.commit_all();
+                self.stats.cdrs.fetch_add(1, Relaxed);
+            }
+            Err(_) => {
+                self.stats.cdrs_dropped.fetch_add(1, Relaxed);
+            }
         }
     }
 
@@ -414,6 +638,14 @@ impl Proxy {
         } else {
             Kind::NonInvite
         };
+        let dialog = if invite && !in_dialog {
+            self.dialog_start(c, now)
+        } else {
+            None
+        };
+        if method == Method::Bye && in_dialog {
+            self.dialog_bye(c, now);
+        }
         let (txn, acts) = Transaction::server(kind, rel, self.cfg.timers);
         let mut ctx = ServerCtx {
             request: m.as_bytes().to_vec(),
@@ -424,6 +656,7 @@ impl Proxy {
             held: Default::default(),
             invite,
             cancelled: false,
+            dialog,
         };
         if acts.iter().any(|a| a == Action::SendResponse) {
             // §17.2.1: 100 Trying at once, hop by hop.
@@ -658,6 +891,8 @@ impl Proxy {
         };
         let decision = s.rc.on_response(index, code);
         let (upstream, invite, cancelled) = (s.upstream, s.invite, s.cancelled);
+        let dialog = s.dialog.clone();
+        let mut ours = false;
         // What goes upstream: a response of a branch (`raw`, with a status override) or,
         // when the chosen branch has none (it timed out), our own.
         let (raw, status, final_code, cancel_others) = match decision {
@@ -702,11 +937,19 @@ impl Proxy {
                     Dest::Conn(_) => self.cfg.local,
                 };
                 self.stats.answered.fetch_add(1, Relaxed);
+                ours = true;
                 Self::build_reply(&req, src_addr, final_code, reason_of(final_code))
             }
         };
         Self::send(out, upstream, &bytes);
         self.stats.relayed.fetch_add(1, Relaxed);
+        if let Some(key) = dialog {
+            let to_tag = Message::parse(&bytes, Framing::Datagram)
+                .ok()
+                .and_then(|m| m.to().and_then(|t| t.tag()).map(<[u8]>::to_vec))
+                .unwrap_or_default();
+            self.dialog_response(&key, final_code, &to_tag, cancelled, ours, now);
+        }
         let Some((_, Ctx::Server(s))) = self.txns.get_mut(sid) else {
             return;
         };

@@ -26,6 +26,7 @@ fn proxy_harness() -> (Harness, Arc<ProxyStats>) {
             timers: TimerConfig::default(),
             local: ME.parse().unwrap(),
             record_route: true,
+            dialog_lifetime_ms: 43_200_000,
         },
         Arc::new(Keys::new()),
         7,
@@ -394,4 +395,161 @@ fn a_forged_branch_is_not_taken_for_ours() {
     use std::sync::atomic::Ordering::Relaxed;
     // Another process's MAC: not ours at all (dropped as a stray response).
     assert_eq!(stats.other_worker.load(Relaxed), 0);
+}
+
+/// A proxy that tracks dialogs: its table, the CDR lines it hands over.
+fn dialog_harness() -> (
+    Harness,
+    Arc<sipmesh_cluster::dialog::DialogTable>,
+    rtrb::Consumer<u8>,
+) {
+    use sipmesh_cluster::ownership::{Ownership, Segment};
+    let (mut h, _) = proxy_harness();
+    let table = Arc::new(sipmesh_cluster::dialog::DialogTable::new(16));
+    let (p, c) = rtrb::RingBuffer::new(1 << 16);
+    let segment = Arc::new(Segment::anonymous(7).unwrap());
+    let mut o = Ownership::default();
+    o.set_tag(0, true, 1);
+    segment.publish(&o);
+    let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
+    let proxy = Proxy::new(
+        ProxyConfig {
+            timers: TimerConfig::default(),
+            local: ME.parse().unwrap(),
+            record_route: true,
+            dialog_lifetime_ms: 43_200_000,
+        },
+        Arc::new(Keys::new()),
+        7,
+        0,
+        h.now,
+        Arc::new(ProxyStats::default()),
+    )
+    .with_dialogs(sipmesh_dataplane::stateful::DialogShare {
+        table: table.clone(),
+        cdrs: p,
+        segment,
+    });
+    h.core = core.with_proxy(proxy);
+    (h, table, c)
+}
+
+fn cdrs(c: &mut rtrb::Consumer<u8>) -> Vec<serde_json::Value> {
+    let mut v = Vec::new();
+    while let Ok(h) = c.read_chunk(4) {
+        let (a, b) = h.as_slices();
+        let mut l = [0u8; 4];
+        for (d, s) in l.iter_mut().zip(a.iter().chain(b)) {
+            *d = *s;
+        }
+        let n = u32::from_le_bytes(l) as usize;
+        let chunk = c.read_chunk(4 + n).unwrap();
+        let (a, b) = chunk.as_slices();
+        let bytes: Vec<u8> = a.iter().chain(b).skip(4).copied().collect();
+        chunk.commit_all();
+        assert_eq!(bytes.last(), Some(&b'\n'), "one JSON line");
+        v.push(serde_json::from_slice(&bytes).unwrap());
+    }
+    v
+}
+
+#[test]
+fn a_call_is_tracked_as_a_dialog_through_its_states_and_ends_in_a_cdr() {
+    use sipmesh_cluster::dialog::DialogState;
+    let (mut h, table, mut c) = dialog_harness();
+    register_at(&mut h, "bob", "198.51.100.70:5060", "");
+    let t0 = h.now;
+    h.send(&invite("d1", "z9hG4bKd1"));
+    let fwd = sent(&h)[1].1.clone();
+    let snap = table.snapshot();
+    assert_eq!(snap.len(), 1);
+    assert_eq!(snap[0].state, DialogState::Unconfirmed);
+    assert_eq!(&*snap[0].call_id, b"d1");
+    let callee = udp_source("198.51.100.70:5060");
+    h.send_from(&answer(&fwd, 180, "Ringing", "bt"), &callee);
+    assert_eq!(table.snapshot()[0].state, DialogState::Early);
+    assert_eq!(&*table.snapshot()[0].to_tag, b"bt");
+    h.now += 2000;
+    h.send_from(&answer(&fwd, 200, "OK", "bt"), &callee);
+    let d = table.snapshot()[0].clone();
+    assert_eq!(d.state, DialogState::Confirmed);
+    assert_eq!(d.answered_ms, t0 + 2000);
+    assert!(cdrs(&mut c).is_empty());
+    // The callee hangs up 60 s later: its BYE carries the tags swapped.
+    h.now += 60_000;
+    let bye = format!(
+        "BYE sip:alice@{CALLER} SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.70:5060;branch=z9hG4bKb9\r\n\
+         Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\nFrom: <sip:bob@example.com>;tag=bt\r\n\
+         To: <sip:alice@example.com>;tag=a1\r\nCall-ID: d1\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n"
+    );
+    h.send_from(&bye, &callee);
+    assert!(
+        sent(&h)[0]
+            .1
+            .starts_with("BYE sip:alice@192.0.2.10:5062 SIP/2.0\r\n")
+    );
+    assert!(table.is_empty(), "terminated: out of the table");
+    let v = cdrs(&mut c);
+    assert_eq!(v.len(), 1);
+    let r = &v[0];
+    assert_eq!(r["caller"], "sip:alice@example.com");
+    assert_eq!(r["callee"], "sip:bob@example.com");
+    assert_eq!(r["call_id"], "d1");
+    assert_eq!(r["setup_ms"], t0);
+    assert_eq!(r["answer_ms"], t0 + 2000);
+    assert_eq!(r["end_ms"], t0 + 62_000);
+    assert_eq!(r["duration_ms"], 60_000);
+    assert_eq!(r["end_reason"], "bye");
+    assert_eq!(r["hung_up_by"], "callee");
+    assert_eq!(r["node"], 7);
+}
+
+#[test]
+fn failed_cancelled_and_timed_out_calls_have_their_cdr_too() {
+    let (mut h, table, mut c) = dialog_harness();
+    register_at(&mut h, "bob", "198.51.100.71:5060", "");
+    let callee = udp_source("198.51.100.71:5060");
+    // Busy.
+    h.send(&invite("f1", "z9hG4bKe1"));
+    let fwd = sent(&h)[1].1.clone();
+    h.send_from(&answer(&fwd, 486, "Busy Here", "x"), &callee);
+    // Cancelled after ringing.
+    h.send(&invite("f2", "z9hG4bKe2"));
+    let fwd = sent(&h)[1].1.clone();
+    h.send_from(&answer(&fwd, 180, "Ringing", "y"), &callee);
+    h.send(&format!(
+        "CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP {CALLER};rport;branch=z9hG4bKe2\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:bob@example.com>\r\n\
+         Call-ID: f2\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    ));
+    h.send_from(&answer(&fwd, 487, "Request Terminated", "y"), &callee);
+    // Never answered: 408 from the proxy after timer B.
+    h.send(&invite("f3", "z9hG4bKe3"));
+    for _ in 0..3300 {
+        h.advance(10);
+    }
+    assert!(table.is_empty());
+    let v = cdrs(&mut c);
+    let got: Vec<(String, String, String)> = v
+        .iter()
+        .map(|r| {
+            (
+                r["call_id"].as_str().unwrap().to_string(),
+                r["end_reason"].as_str().unwrap().to_string(),
+                r["hung_up_by"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("f1".into(), "failed-486".into(), "callee".into()),
+            ("f2".into(), "cancelled".into(), "caller".into()),
+            ("f3".into(), "failed-408".into(), "proxy".into()),
+        ]
+    );
+    assert!(
+        v.iter()
+            .all(|r| r["answer_ms"] == 0 && r["duration_ms"] == 0)
+    );
 }

@@ -98,6 +98,8 @@ pub struct Sipd {
     own_data: Option<PathBuf>,
     /// The ownership segment file the harness chose (removed on drop).
     pub own_segment: PathBuf,
+    /// The CDR file the harness chose (removed on drop, with its rotated files).
+    pub cdr_file: PathBuf,
     stdout_lines: Arc<Mutex<Vec<String>>>,
     stdout_rx: Receiver<String>,
     pub stderr: Arc<Mutex<String>>,
@@ -154,6 +156,11 @@ impl Sipd {
         let own_segment = dir.join("ownership");
         if !extra_args.contains(&"--segment") {
             cmd.arg("--segment").arg(&own_segment);
+        }
+        // Call detail records in the test's directory.
+        let cdr_file = dir.join("cdr.jsonl");
+        if !extra_args.contains(&"--cdr") {
+            cmd.arg("--cdr").arg(&cdr_file);
         }
         // A store of its own, removed with the process, unless the test names one.
         let own_data = if extra_args.contains(&"--data-dir") || extra_args.contains(&"--no-store") {
@@ -212,6 +219,7 @@ impl Sipd {
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             own_data,
             own_segment,
+            cdr_file,
             stdout_lines,
             stdout_rx,
             stderr,
@@ -354,6 +362,7 @@ impl Drop for Sipd {
             let _ = std::fs::remove_dir_all(d);
         }
         let _ = std::fs::remove_file(&self.own_segment);
+        let _ = std::fs::remove_file(&self.cdr_file);
     }
 }
 

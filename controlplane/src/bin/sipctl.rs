@@ -33,6 +33,8 @@ COMMANDS:
                            what the ownership segment says: active tag slots,
                            partition buckets acted on here (from the node, or
                            straight from a segment file, without a server)
+    dialog list            calls the proxy tracks (state, caller, callee, age)
+    dialog show ID         one call in full
     ping [status]          NAT keepalives: settings and counters
     ping enable|disable    start or stop pinging on this node
     ping interval MS       ping each flagged contact every MS ms
@@ -801,6 +803,83 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                     "partition buckets acted on here: {} of {}",
                     r.buckets_mine,
                     r.buckets
+                );
+            }
+        }
+        ["dialog", "list"] | ["dialogs"] | ["dialog", "show", _] => {
+            let id = match words {
+                ["dialog", "show", id] => id.to_string(),
+                _ => String::new(),
+            };
+            let show = !id.is_empty();
+            let r = c
+                .dialogs(pb::DialogArgs { id, limit: 0 })
+                .await?
+                .into_inner();
+            let obj = |d: &pb::DialogInfo| {
+                Json::Obj(vec![
+                    ("id", s(d.id.clone())),
+                    ("state", s(d.state.clone())),
+                    ("call_id", s(d.call_id.clone())),
+                    ("from_tag", s(d.from_tag.clone())),
+                    ("to_tag", s(d.to_tag.clone())),
+                    ("caller", s(d.caller.clone())),
+                    ("callee", s(d.callee.clone())),
+                    ("created_ms", Json::Num(d.created_ms)),
+                    ("answered_ms", Json::Num(d.answered_ms)),
+                    ("expires_ms", Json::Num(d.expires_ms)),
+                    ("early_tags", Json::Num(u64::from(d.early_tags))),
+                    ("origin", Json::Num(u64::from(d.origin))),
+                ])
+            };
+            if json {
+                if show {
+                    print(r.dialogs.first().map_or(Json::Arr(Vec::new()), obj));
+                } else {
+                    print(Json::Obj(vec![
+                        ("total", Json::Num(r.total)),
+                        ("dialogs", Json::Arr(r.dialogs.iter().map(obj).collect())),
+                    ]));
+                }
+            } else if show {
+                for d in &r.dialogs {
+                    for (k, v) in [
+                        ("id", d.id.clone()),
+                        ("state", d.state.clone()),
+                        ("call-id", d.call_id.clone()),
+                        ("from-tag", d.from_tag.clone()),
+                        ("to-tag", d.to_tag.clone()),
+                        ("caller", d.caller.clone()),
+                        ("callee", d.callee.clone()),
+                        ("created", d.created_ms.to_string()),
+                        ("answered", d.answered_ms.to_string()),
+                        ("expires", d.expires_ms.to_string()),
+                        ("early dialogs", d.early_tags.to_string()),
+                        ("origin node", d.origin.to_string()),
+                    ] {
+                        say!("{k:<14} {v}");
+                    }
+                }
+            } else {
+                say!("{} live dialogs", r.total);
+                table(
+                    &["ID", "STATE", "CALLER", "CALLEE", "CALL-ID", "AGE-S"],
+                    r.dialogs
+                        .iter()
+                        .map(|d| {
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |t| t.as_millis() as u64);
+                            vec![
+                                d.id.clone(),
+                                d.state.clone(),
+                                d.caller.clone(),
+                                d.callee.clone(),
+                                d.call_id.clone(),
+                                (now.saturating_sub(d.created_ms) / 1000).to_string(),
+                            ]
+                        })
+                        .collect(),
                 );
             }
         }

@@ -46,6 +46,7 @@ OPTIONS:
         --durability M     async (default) or sync: answer a REGISTER only once its
                            change is in the synced write-ahead log
         --no-store         keep everything in memory only
+        --cdr FILE         where call detail records go (default ./cdr/cdr.jsonl)
         --tag NAME=ROLE    a sharing tag of this node, ROLE active or backup;
                            repeatable (adds to tags.list)
         --segment PATH     the ownership segment file (default
@@ -84,6 +85,7 @@ fn main() {
     let mut join: Vec<String> = Vec::new();
     let mut seed = false;
     let mut data_dir: Option<String> = None;
+    let mut cdr: Option<String> = None;
     let mut durability: Option<String> = None;
     let mut no_store = false;
     let mut tags: Vec<String> = Vec::new();
@@ -105,6 +107,7 @@ fn main() {
             "--data-dir" => data_dir = Some(value(&a)),
             "--durability" => durability = Some(value(&a)),
             "--no-store" => no_store = true,
+            "--cdr" => cdr = Some(value(&a)),
             "--tag" => tags.push(value(&a)),
             "--segment" => segment = Some(value(&a)),
             "--udp" => udp.push(value(&a)),
@@ -210,6 +213,12 @@ fn main() {
             fail("--data-dir: needs a directory");
         }
         cfg.store.data_dir = d.into();
+    }
+    if let Some(c) = cdr {
+        if c.is_empty() {
+            fail("--cdr: needs a file");
+        }
+        cfg.cdr.path = c.into();
     }
     if let Some(d) = durability {
         cfg.store.durability = Durability::parse(&d)

@@ -108,6 +108,8 @@ pub(crate) struct Shared {
     pub sweep: (Duration, u32),
     /// Sharing tag name → segment slot.
     pub tag_slots: TagSlots,
+    /// The calls the proxy tracks.
+    pub dialogs: Option<Arc<sipmesh_cluster::dialog::DialogTable>>,
 }
 
 impl Shared {
@@ -162,6 +164,8 @@ pub struct Attached<'a> {
     pub control_ring: ChangeProducer,
     /// NAT keepalives (None: off).
     pub keepalive: Option<KeepaliveAttach>,
+    /// The calls the proxy tracks (None: no proxy).
+    pub dialogs: Option<Arc<sipmesh_cluster::dialog::DialogTable>>,
 }
 
 /// The running control plane.
@@ -191,6 +195,7 @@ impl ControlPlane {
             segment,
             control_ring,
             keepalive,
+            dialogs,
         } = attached;
         let control_ring = Arc::new(std::sync::Mutex::new(control_ring));
         let sweep = (
@@ -287,6 +292,7 @@ impl ControlPlane {
                     control_ring,
                     sweep,
                     tag_slots: TagSlots::default(),
+                    dialogs,
                 };
                 runtime.block_on(run(
                     mc,

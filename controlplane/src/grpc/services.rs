@@ -480,6 +480,49 @@ impl pb::admin_server::Admin for AdminSvc {
         }))
     }
 
+    async fn dialogs(
+        &self,
+        req: Request<pb::DialogArgs>,
+    ) -> Result<Response<pb::DialogList>, Status> {
+        let a = req.into_inner();
+        let table = self
+            .0
+            .dialogs
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("the proxy is off on this node"))?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let info = |d: &sipmesh_cluster::dialog::Dialog| pb::DialogInfo {
+            id: format!("{:016x}", d.id),
+            state: d.state.as_str().into(),
+            call_id: text(&d.call_id),
+            from_tag: text(&d.from_tag),
+            to_tag: text(&d.to_tag),
+            caller: text(&d.caller),
+            callee: text(&d.callee),
+            created_ms: d.created_ms,
+            answered_ms: d.answered_ms,
+            expires_ms: d.expires_ms,
+            early_tags: u32::from(d.early_tags),
+            origin: u32::from(d.origin.0),
+        };
+        let total = table.len() as u64;
+        let dialogs = if a.id.is_empty() {
+            let limit = if a.limit == 0 { 1000 } else { a.limit as usize };
+            let mut all = table.snapshot();
+            all.sort_by_key(|d| d.created_ms);
+            all.iter().take(limit).map(|d| info(d)).collect()
+        } else {
+            let id = u64::from_str_radix(a.id.trim_start_matches("0x"), 16).map_err(|_| {
+                Status::invalid_argument(format!("id: `{}` is not a hex dialog id", a.id))
+            })?;
+            let d = table
+                .find_id(id)
+                .ok_or_else(|| Status::not_found(format!("no dialog {}", a.id)))?;
+            vec![info(&d)]
+        };
+        Ok(Response::new(pb::DialogList { dialogs, total }))
+    }
+
     async fn keepalive(
         &self,
         req: Request<pb::KeepaliveArgs>,

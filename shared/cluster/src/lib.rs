@@ -20,6 +20,7 @@
 
 pub mod apply;
 pub mod change;
+pub mod dialog;
 pub mod digest;
 pub mod keepalive;
 pub mod ownership;
