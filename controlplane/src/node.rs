@@ -200,6 +200,16 @@ impl Node {
         // Calls: one table for the node; each worker hands finished calls to the CDR
         // writer over a ring of its own.
         let dialogs = Arc::new(DialogTable::new(4096));
+        let mut end_tx = Vec::with_capacity(n);
+        let dialog_orders = Arc::new(Mutex::new(
+            (0..n)
+                .map(|_| {
+                    let (p, c) = rtrb::RingBuffer::new(1 << 16);
+                    end_tx.push(p);
+                    Some(c)
+                })
+                .collect::<Vec<_>>(),
+        ));
         let mut cdr_rx = Vec::with_capacity(n);
         let cdr_tx = Arc::new(Mutex::new(
             (0..n)
@@ -228,7 +238,8 @@ impl Node {
             let (segment, acks, ping_stats) = (segment.clone(), acks.clone(), ping_stats.clone());
             let (proxy_cfg, keys, proxy_stats) =
                 (config.proxy.clone(), keys.clone(), proxy_stats.clone());
-            let (dialogs, cdr_tx) = (dialogs.clone(), cdr_tx.clone());
+            let (dialogs, cdr_tx, dialog_orders) =
+                (dialogs.clone(), cdr_tx.clone(), dialog_orders.clone());
             move |i: usize| {
                 // Start-up only: each worker takes its ring's producing half once.
                 let producer = producers
@@ -295,6 +306,11 @@ impl Node {
                                 .and_then(|mut v| v.get_mut(i).and_then(Option::take))
                                 .expect("one CDR ring per worker"),
                             segment: segment.clone(),
+                            orders: dialog_orders
+                                .lock()
+                                .ok()
+                                .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+                                .expect("one dialog order ring per worker"),
                         }),
                     )
                     .with_mailbox(mb)
@@ -327,7 +343,7 @@ impl Node {
                 persister: persister.as_ref(),
                 segment: segment.clone(),
                 control_ring,
-                dialogs: Some(dialogs.clone()),
+                dialogs: Some((dialogs.clone(), end_tx)),
                 keepalive: Some(KeepaliveAttach {
                     orders: order_tx,
                     acks,

@@ -28,7 +28,17 @@ use crate::registrar::{Lookup, Registrar};
 use crate::txn::table::{BranchId, Keys, TxId, TxTable};
 use crate::txn::{Action, Event, Kind, Reliability, TimerConfig, Transaction};
 use sipmesh_cluster::NodeId;
-use sipmesh_cluster::dialog::{Dialog, DialogState, DialogTable, EndReason, Party, dialog_key};
+use sipmesh_cluster::dialog::{
+    Dialog, DialogState, DialogTable, EndReason, Legs, Party, dialog_key,
+};
+
+/// The URI of the first Contact of `m`.
+fn first_contact<'a>(m: &Message<'a>) -> Option<&'a [u8]> {
+    m.contacts().find_map(|c| match c {
+        Ok(sip_wire::Contact::Addr(a)) => Some(a.addr.uri),
+        _ => None,
+    })
+}
 use sipmesh_cluster::ownership::{Segment, bucket_of};
 
 /// The ownership slot of untagged data (dialogs carry no tag yet).
@@ -72,6 +82,30 @@ pub struct DialogShare {
     pub cdrs: rtrb::Producer<u8>,
     /// The ownership segment: a CDR is written where the node acts on the dialog.
     pub segment: Arc<Segment>,
+    /// Calls to end from the middle (lifetime limit, operator), ordered by the control
+    /// plane: frames of a u32 LE length, a reason octet ([`ORDER_LIFETIME`],
+    /// [`ORDER_ADMIN`]) and the dialog's key.
+    pub orders: rtrb::Consumer<u8>,
+}
+
+/// Order reason: the call's lifetime ran out.
+pub const ORDER_LIFETIME: u8 = 1;
+/// Order reason: an operator ends it.
+pub const ORDER_ADMIN: u8 = 2;
+
+/// Frames an order to end the call of `key` into `p`; false when the ring is full.
+pub fn push_end_order(p: &mut rtrb::Producer<u8>, reason: u8, key: &[u8]) -> bool {
+    let len = (key.len() as u32 + 1).to_le_bytes();
+    let Ok(mut chunk) = p.write_chunk(5 + key.len()) else {
+        return false;
+    };
+    let (a, b) = chunk.as_mut_slices();
+    let head = [len[0], len[1], len[2], len[3], reason];
+    for (x, v) in a.iter_mut().chain(b.iter_mut()).zip(head.iter().chain(key)) {
+        *x = *v;
+    }
+    chunk.commit_all();
+    true
 }
 
 /// Counters.
@@ -145,8 +179,8 @@ struct ClientCtx {
 enum Ctx {
     Server(Box<ServerCtx>),
     Client(ClientCtx),
-    /// A CANCEL we sent: its request and where.
-    Cancel {
+    /// A request of our own (a CANCEL, a BYE ending a call): its bytes and where.
+    Own {
         request: Vec<u8>,
         dest: SocketAddr,
     },
@@ -237,7 +271,13 @@ impl Proxy {
     }
 
     /// A call starts: its INVITE is forwarded.
-    fn dialog_start(&mut self, c: &Checked<'_>, now: Millis) -> Option<Vec<u8>> {
+    fn dialog_start(
+        &mut self,
+        m: &Message<'_>,
+        c: &Checked<'_>,
+        src: &Source,
+        now: Millis,
+    ) -> Option<Vec<u8>> {
         let d = self.dialogs.as_ref()?;
         let from_tag = c.from.tag().unwrap_or_default();
         dialog_key(c.call_id, from_tag, &mut self.dkey);
@@ -256,6 +296,16 @@ impl Proxy {
             expires_ms: now + self.cfg.dialog_lifetime_ms,
             end: None,
             origin: NodeId(self.node),
+            legs: Legs {
+                from_hdr: Box::from(m.header(HeaderName::From).unwrap_or_default()),
+                to_hdr: Box::from(m.header(HeaderName::To).unwrap_or_default()),
+                caller_contact: Box::from(first_contact(m).unwrap_or_default()),
+                callee_contact: Box::default(),
+                caller_addr: Some(src.remote),
+                callee_addr: None,
+                caller_cseq: c.cseq.seq,
+                callee_cseq: 0,
+            },
         };
         if d.table.insert(&self.dkey, dialog) {
             self.stats.dialogs_created.fetch_add(1, Relaxed);
@@ -265,11 +315,13 @@ impl Proxy {
 
     /// The INVITE of dialog `key` got a response `code` with the callee's tag `to_tag`
     /// (`ours`: the proxy made it, e.g. a 408).
+    #[allow(clippy::too_many_arguments)]
     fn dialog_response(
         &mut self,
         key: &[u8],
         code: u16,
         to_tag: &[u8],
+        callee: (&[u8], Option<SocketAddr>),
         cancelled: bool,
         ours: bool,
         now: Millis,
@@ -292,6 +344,8 @@ impl Proxy {
                     n.state = DialogState::Confirmed;
                     n.to_tag = Box::from(to_tag);
                     n.answered_ms = now;
+                    n.legs.callee_contact = Box::from(callee.0);
+                    n.legs.callee_addr = callee.1;
                 }
                 (300..=699, _) => {
                     n.state = DialogState::Terminated;
@@ -310,6 +364,152 @@ impl Proxy {
         });
         if let Some(e) = ended.filter(|e| e.state == DialogState::Terminated) {
             self.cdr(&e, now);
+        }
+    }
+
+    /// An in-dialog request: the highest CSeq of its sender (a BYE the proxy sends later
+    /// must be numbered above it, RFC 3261 §12.2.1.1).
+    fn dialog_cseq(&mut self, c: &Checked<'_>) {
+        let Some(d) = self.dialogs.as_ref() else {
+            return;
+        };
+        let seq = c.cseq.seq;
+        dialog_key(c.call_id, c.from.tag().unwrap_or_default(), &mut self.dkey);
+        let caller = d.table.update(&self.dkey, |cur| {
+            (seq > cur.legs.caller_cseq).then(|| {
+                let mut n = cur.clone();
+                n.legs.caller_cseq = seq;
+                n
+            })
+        });
+        if caller.is_none() {
+            dialog_key(c.call_id, c.to.tag().unwrap_or_default(), &mut self.dkey);
+            d.table.update(&self.dkey, |cur| {
+                (seq > cur.legs.callee_cseq).then(|| {
+                    let mut n = cur.clone();
+                    n.legs.callee_cseq = seq;
+                    n
+                })
+            });
+        }
+    }
+
+    /// Ends the call of `key` from the middle (its lifetime ran out, or an operator asked):
+    /// a BYE to each side of a confirmed call (RFC 3261 §15.1.1, the proxy acting for
+    /// both), and its CDR.
+    pub fn end_dialog<O: Outbox>(
+        &mut self,
+        key: &[u8],
+        reason: EndReason,
+        now: Millis,
+        out: &mut O,
+    ) -> bool {
+        let Some(d) = self.dialogs.as_ref() else {
+            return false;
+        };
+        let Some(ended) = d.table.update(key, |cur| {
+            let mut n = cur.clone();
+            n.state = DialogState::Terminated;
+            n.ended_ms = now;
+            n.end = Some((reason, Party::Proxy));
+            Some(n)
+        }) else {
+            return false;
+        };
+        if ended.answered_ms > 0 {
+            let l = &ended.legs;
+            let mut to_tagged = l.to_hdr.to_vec();
+            to_tagged.extend_from_slice(b";tag=");
+            to_tagged.extend_from_slice(&ended.to_tag);
+            // To the callee, as from the caller; to the caller, as from the callee.
+            let legs = [
+                (
+                    &l.callee_contact,
+                    l.callee_addr,
+                    &l.from_hdr[..],
+                    &to_tagged[..],
+                    l.caller_cseq + 1,
+                ),
+                (
+                    &l.caller_contact,
+                    l.caller_addr,
+                    &to_tagged[..],
+                    &l.from_hdr[..],
+                    l.callee_cseq.max(1) + 1,
+                ),
+            ];
+            for (uri, addr, from, to, cseq) in legs {
+                let Some(dest) = addr else { continue };
+                self.send_own(b"BYE", uri, from, to, &ended.call_id, cseq, dest, now, out);
+            }
+        }
+        self.cdr(&ended, now);
+        true
+    }
+
+    /// Sends a request of our own as a client transaction (retransmitted until answered).
+    #[allow(clippy::too_many_arguments)]
+    fn send_own<O: Outbox>(
+        &mut self,
+        method: &[u8],
+        uri: &[u8],
+        from: &[u8],
+        to: &[u8],
+        call_id: &[u8],
+        cseq: u32,
+        dest: SocketAddr,
+        now: Millis,
+        out: &mut O,
+    ) {
+        let (txn, _) = Transaction::client(
+            Kind::NonInvite,
+            Reliability::Unreliable,
+            self.cfg.timers,
+            false,
+            now,
+        );
+        let id = self.txns.insert_client(
+            method,
+            txn,
+            Ctx::Own {
+                request: Vec::new(),
+                dest,
+            },
+        );
+        let mut branch = [0u8; 48];
+        let bn = self.keys.branch(
+            BranchId {
+                node: self.node,
+                worker: self.worker,
+                id,
+            },
+            &mut branch,
+        );
+        let mut w = Writer::new(&mut self.buf);
+        w.request_line(method, uri);
+        w.put(b"Via: SIP/2.0/UDP ")
+            .put_str(&self.cfg.local.to_string())
+            .put(b";branch=")
+            .put(&branch[..bn])
+            .crlf();
+        w.put(b"Max-Forwards: 70\r\n");
+        w.put(b"From: ").put(from).crlf();
+        w.put(b"To: ").put(to).crlf();
+        w.put(b"Call-ID: ").put(call_id).crlf();
+        w.put(b"CSeq: ")
+            .put_u64(u64::from(cseq))
+            .put(b" ")
+            .put(method)
+            .crlf();
+        w.put(b"Content-Length: 0\r\n\r\n");
+        let Some(n) = w.finish() else {
+            self.txns.remove(id);
+            return;
+        };
+        let bytes = self.buf[..n].to_vec();
+        Self::send(out, Dest::Udp(dest), &bytes);
+        if let Some((_, Ctx::Own { request, .. })) = self.txns.get_mut(id) {
+            *request = bytes;
         }
     }
 
@@ -639,12 +839,14 @@ impl Proxy {
             Kind::NonInvite
         };
         let dialog = if invite && !in_dialog {
-            self.dialog_start(c, now)
+            self.dialog_start(m, c, src, now)
         } else {
             None
         };
         if method == Method::Bye && in_dialog {
             self.dialog_bye(c, now);
+        } else if in_dialog && method != Method::Ack {
+            self.dialog_cseq(c);
         }
         let (txn, acts) = Transaction::server(kind, rel, self.cfg.timers);
         let mut ctx = ServerCtx {
@@ -789,7 +991,7 @@ impl Proxy {
         let id = self.txns.insert_client(
             b"CANCEL",
             txn,
-            Ctx::Cancel {
+            Ctx::Own {
                 request: bytes,
                 dest,
             },
@@ -944,11 +1146,31 @@ impl Proxy {
         Self::send(out, upstream, &bytes);
         self.stats.relayed.fetch_add(1, Relaxed);
         if let Some(key) = dialog {
-            let to_tag = Message::parse(&bytes, Framing::Datagram)
-                .ok()
-                .and_then(|m| m.to().and_then(|t| t.tag()).map(<[u8]>::to_vec))
+            let sent = Message::parse(&bytes, Framing::Datagram).ok();
+            let to_tag = sent
+                .as_ref()
+                .and_then(|m| m.to().and_then(|t| t.tag()))
                 .unwrap_or_default();
-            self.dialog_response(&key, final_code, &to_tag, cancelled, ours, now);
+            let contact = sent.as_ref().and_then(first_contact).unwrap_or_default();
+            // Where the answering branch was sent: where a BYE to the callee goes.
+            let callee_addr = match self.txns.get_mut(sid) {
+                Some((_, Ctx::Server(s))) => s.branches[index],
+                _ => None,
+            }
+            .and_then(|cid| match self.txns.get_mut(cid) {
+                Some((_, Ctx::Client(cc))) => Some(cc.dest),
+                _ => None,
+            });
+            let (to_tag, contact) = (to_tag.to_vec(), contact.to_vec());
+            self.dialog_response(
+                &key,
+                final_code,
+                &to_tag,
+                (&contact, callee_addr),
+                cancelled,
+                ours,
+                now,
+            );
         }
         let Some((_, Ctx::Server(s))) = self.txns.get_mut(sid) else {
             return;
@@ -970,8 +1192,45 @@ impl Proxy {
         }
     }
 
+    /// Ends the calls the control plane ordered ended.
+    fn run_orders<O: Outbox>(&mut self, now: Millis, out: &mut O) {
+        let mut key = Vec::new();
+        for _ in 0..1024 {
+            let Some(share) = self.dialogs.as_mut() else {
+                return;
+            };
+            let Ok(h) = share.orders.read_chunk(4) else {
+                return;
+            };
+            let (a, b) = h.as_slices();
+            let mut l = [0u8; 4];
+            for (d, s) in l.iter_mut().zip(a.iter().chain(b)) {
+                *d = *s;
+            }
+            let n = u32::from_le_bytes(l) as usize;
+            let Ok(chunk) = share.orders.read_chunk(4 + n) else {
+                return;
+            };
+            let (a, b) = chunk.as_slices();
+            key.clear();
+            key.extend(a.iter().chain(b).skip(4));
+            chunk.commit_all();
+            let Some((&reason, k)) = key.split_first() else {
+                continue;
+            };
+            let reason = if reason == ORDER_ADMIN {
+                EndReason::Admin
+            } else {
+                EndReason::Lifetime
+            };
+            let k = k.to_vec();
+            self.end_dialog(&k, reason, now, out);
+        }
+    }
+
     /// Fires due timers.
     pub fn on_tick<O: Outbox>(&mut self, now: Millis, out: &mut O) {
+        self.run_orders(now, out);
         let mut fired = std::mem::take(&mut self.fired);
         let mut ended = std::mem::take(&mut self.ended);
         fired.clear();
@@ -995,7 +1254,7 @@ impl Proxy {
                     let (d, r) = (cc.dest, cc.request.clone());
                     Self::send(out, Dest::Udp(d), &r);
                 }
-                (Action::SendRequest, Ctx::Cancel { request, dest }) => {
+                (Action::SendRequest, Ctx::Own { request, dest }) => {
                     let (d, r) = (*dest, request.clone());
                     Self::send(out, Dest::Udp(d), &r);
                 }

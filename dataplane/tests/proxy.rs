@@ -402,11 +402,13 @@ fn dialog_harness() -> (
     Harness,
     Arc<sipmesh_cluster::dialog::DialogTable>,
     rtrb::Consumer<u8>,
+    rtrb::Producer<u8>,
 ) {
     use sipmesh_cluster::ownership::{Ownership, Segment};
     let (mut h, _) = proxy_harness();
     let table = Arc::new(sipmesh_cluster::dialog::DialogTable::new(16));
     let (p, c) = rtrb::RingBuffer::new(1 << 16);
+    let (op, oc) = rtrb::RingBuffer::new(1 << 16);
     let segment = Arc::new(Segment::anonymous(7).unwrap());
     let mut o = Ownership::default();
     o.set_tag(0, true, 1);
@@ -429,9 +431,10 @@ fn dialog_harness() -> (
         table: table.clone(),
         cdrs: p,
         segment,
+        orders: oc,
     });
     h.core = core.with_proxy(proxy);
-    (h, table, c)
+    (h, table, c, op)
 }
 
 fn cdrs(c: &mut rtrb::Consumer<u8>) -> Vec<serde_json::Value> {
@@ -456,7 +459,7 @@ fn cdrs(c: &mut rtrb::Consumer<u8>) -> Vec<serde_json::Value> {
 #[test]
 fn a_call_is_tracked_as_a_dialog_through_its_states_and_ends_in_a_cdr() {
     use sipmesh_cluster::dialog::DialogState;
-    let (mut h, table, mut c) = dialog_harness();
+    let (mut h, table, mut c, _) = dialog_harness();
     register_at(&mut h, "bob", "198.51.100.70:5060", "");
     let t0 = h.now;
     h.send(&invite("d1", "z9hG4bKd1"));
@@ -506,7 +509,7 @@ fn a_call_is_tracked_as_a_dialog_through_its_states_and_ends_in_a_cdr() {
 
 #[test]
 fn failed_cancelled_and_timed_out_calls_have_their_cdr_too() {
-    let (mut h, table, mut c) = dialog_harness();
+    let (mut h, table, mut c, _) = dialog_harness();
     register_at(&mut h, "bob", "198.51.100.71:5060", "");
     let callee = udp_source("198.51.100.71:5060");
     // Busy.
@@ -552,4 +555,74 @@ fn failed_cancelled_and_timed_out_calls_have_their_cdr_too() {
         v.iter()
             .all(|r| r["answer_ms"] == 0 && r["duration_ms"] == 0)
     );
+}
+
+#[test]
+fn a_call_past_its_lifetime_is_ended_with_a_bye_to_each_side() {
+    use sipmesh_dataplane::stateful::{ORDER_LIFETIME, push_end_order};
+    let (mut h, table, mut c, mut orders) = dialog_harness();
+    register_at(&mut h, "bob", "198.51.100.72:5060", "");
+    let callee = udp_source("198.51.100.72:5060");
+    h.send(&invite("lt1", "z9hG4bKl1"));
+    let fwd = sent(&h)[1].1.clone();
+    let ok = answer(&fwd, 200, "OK", "bt").replace(
+        "Content-Length: 0",
+        "Contact: <sip:bob@198.51.100.72:5060;ob>\r\nContent-Length: 0",
+    );
+    h.send_from(&ok, &callee);
+    // A re-INVITE from the callee raises its CSeq (a later BYE must be above it).
+    let reinv = format!(
+        "INFO sip:alice@{CALLER} SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.72:5060;branch=z9hG4bKi1\r\n\
+         Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\nFrom: <sip:bob@example.com>;tag=bt\r\n\
+         To: <sip:alice@example.com>;tag=a1\r\nCall-ID: lt1\r\nCSeq: 7 INFO\r\nContent-Length: 0\r\n\r\n"
+    );
+    h.send_from(&reinv, &callee);
+    let d = table.snapshot()[0].clone();
+    assert_eq!(d.legs.callee_cseq, 7);
+    assert_eq!(&*d.legs.callee_contact, b"sip:bob@198.51.100.72:5060;ob");
+    // The control plane orders it ended (its lifetime ran out).
+    let mut key = Vec::new();
+    sipmesh_cluster::dialog::dialog_key(b"lt1", b"a1", &mut key);
+    assert!(push_end_order(&mut orders, ORDER_LIFETIME, &key));
+    h.advance(10);
+    let s = sent(&h);
+    assert_eq!(s.len(), 2, "{s:?}");
+    // To the callee, as from the caller (RFC 3261 §15.1.1 for the proxy acting for both).
+    assert_eq!(s[0].0, udp("198.51.100.72:5060"));
+    let b1 = &s[0].1;
+    assert!(
+        b1.starts_with("BYE sip:bob@198.51.100.72:5060;ob SIP/2.0\r\n"),
+        "{b1}"
+    );
+    assert!(b1.contains("\r\nFrom: <sip:alice@example.com>;tag=a1\r\n"));
+    assert!(b1.contains("\r\nTo: <sip:bob@example.com>;tag=bt\r\n"));
+    assert!(b1.contains("\r\nCSeq: 2 BYE\r\n"));
+    // To the caller, as from the callee, above its CSeq 7.
+    assert_eq!(s[1].0, udp(CALLER));
+    let b2 = &s[1].1;
+    assert!(
+        b2.starts_with(&format!("BYE sip:alice@{CALLER} SIP/2.0\r\n")),
+        "{b2}"
+    );
+    assert!(b2.contains("\r\nFrom: <sip:bob@example.com>;tag=bt\r\n"));
+    assert!(b2.contains("\r\nTo: <sip:alice@example.com>;tag=a1\r\n"));
+    assert!(b2.contains("\r\nCSeq: 8 BYE\r\n"));
+    for b in [b1, b2] {
+        let m = sip_wire::Message::parse(b.as_bytes(), sip_wire::Framing::Datagram).unwrap();
+        assert!(m.check_request().is_ok());
+    }
+    assert!(table.is_empty());
+    let v = cdrs(&mut c);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0]["end_reason"], "lifetime");
+    assert_eq!(v[0]["hung_up_by"], "proxy");
+    // Their 200s end the two transactions; nothing goes anywhere.
+    let (b1, b2) = (b1.clone(), b2.clone());
+    h.send_from(&answer(&b1, 200, "OK", ""), &callee);
+    h.send_from(&answer(&b2, 200, "OK", ""), &udp_source(CALLER));
+    assert!(sent(&h).is_empty());
+    // An order for a call already gone does nothing.
+    assert!(push_end_order(&mut orders, ORDER_LIFETIME, &key));
+    h.advance(10);
+    assert!(sent(&h).is_empty(), "nothing to end");
 }

@@ -35,6 +35,7 @@ COMMANDS:
                            straight from a segment file, without a server)
     dialog list            calls the proxy tracks (state, caller, callee, age)
     dialog show ID         one call in full
+    dialog end ID          end a call: a BYE to each side, and its CDR
     ping [status]          NAT keepalives: settings and counters
     ping enable|disable    start or stop pinging on this node
     ping interval MS       ping each flagged contact every MS ms
@@ -882,6 +883,14 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                         .collect(),
                 );
             }
+        }
+        ["dialog", "end", id] => {
+            c.dialog_end(pb::DialogArgs {
+                id: id.to_string(),
+                limit: 0,
+            })
+            .await?;
+            say!("dialog {id}: a BYE goes to each side");
         }
         ["ping", rest @ ..] => {
             let (enable, interval_ms) = match rest {

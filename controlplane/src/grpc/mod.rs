@@ -36,7 +36,9 @@ use crate::node::format_change;
 use crate::pb;
 use crate::store::Store;
 use crate::store::persist::{PersistSender, PersistStats, Persister};
+use sipmesh_cluster::dialog::DialogTable;
 use sipmesh_cluster::ownership::Segment;
+use sipmesh_dataplane::stateful::{ORDER_ADMIN, ORDER_LIFETIME, push_end_order};
 
 mod keepalive;
 pub(crate) use keepalive::Keepalive;
@@ -109,7 +111,9 @@ pub(crate) struct Shared {
     /// Sharing tag name → segment slot.
     pub tag_slots: TagSlots,
     /// The calls the proxy tracks.
-    pub dialogs: Option<Arc<sipmesh_cluster::dialog::DialogTable>>,
+    pub dialogs: Option<Arc<DialogTable>>,
+    /// The workers' rings of calls to end.
+    pub dialog_orders: Arc<std::sync::Mutex<Vec<rtrb::Producer<u8>>>>,
 }
 
 impl Shared {
@@ -164,8 +168,9 @@ pub struct Attached<'a> {
     pub control_ring: ChangeProducer,
     /// NAT keepalives (None: off).
     pub keepalive: Option<KeepaliveAttach>,
-    /// The calls the proxy tracks (None: no proxy).
-    pub dialogs: Option<Arc<sipmesh_cluster::dialog::DialogTable>>,
+    /// The calls the proxy tracks, and the workers' rings of calls to end (None: no
+    /// proxy).
+    pub dialogs: Option<(Arc<DialogTable>, Vec<rtrb::Producer<u8>>)>,
 }
 
 /// The running control plane.
@@ -197,6 +202,10 @@ impl ControlPlane {
             keepalive,
             dialogs,
         } = attached;
+        let (dialog_table, dialog_orders) = match dialogs {
+            Some((t, o)) => (Some(t), o),
+            None => (None, Vec::new()),
+        };
         let control_ring = Arc::new(std::sync::Mutex::new(control_ring));
         let sweep = (
             Duration::from_secs(config.cluster.expiry_sweep_s),
@@ -292,7 +301,8 @@ impl ControlPlane {
                     control_ring,
                     sweep,
                     tag_slots: TagSlots::default(),
-                    dialogs,
+                    dialogs: dialog_table,
+                    dialog_orders: Arc::new(std::sync::Mutex::new(dialog_orders)),
                 };
                 runtime.block_on(run(
                     mc,
@@ -453,6 +463,8 @@ async fn mesh_loop(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     sweep.tick().await;
     let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
+    let mut lifetimes = tokio::time::interval(Duration::from_secs(1));
+    lifetimes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scratch = Vec::with_capacity(4096);
     let mut buf = BytesMut::with_capacity(MAX_BATCH_BYTES + 4096);
     let clock = shared.clock;
@@ -477,6 +489,7 @@ async fn mesh_loop(
                     k.tick(wall_ms(), &shared.usrloc, &shared.segment, &shared.tag_slots, &shared.control_ring);
                 }
             }
+            _ = lifetimes.tick() => end_expired_dialogs(&shared),
             _ = sweep.tick() => {
                 if sweeping.as_ref().is_none_or(|h| h.is_finished()) {
                     sweeping = Some(spawn_sweep(&shared, mesh.me().id));
@@ -621,6 +634,60 @@ fn dispatch(
                 }
             }
         }
+    }
+}
+
+/// Calls past their lifetime limit that this node acts on are handed to a worker to end
+/// (a BYE to each side, the CDR).
+fn end_expired_dialogs(shared: &Shared) {
+    use sipmesh_cluster::ownership::bucket_of;
+    let Some(table) = &shared.dialogs else { return };
+    let Ok(mut orders) = shared.dialog_orders.lock() else {
+        return;
+    };
+    let n = orders.len();
+    if n == 0 || table.is_empty() {
+        return;
+    }
+    let now = wall_ms();
+    table.for_each(|key, d| {
+        if d.expires_ms > now {
+            return;
+        }
+        let bucket = bucket_of(&d.call_id);
+        if !shared
+            .segment
+            .acts_on_at(crate::mesh::tags::DEFAULT_TAG_SLOT, bucket, now)
+            .0
+        {
+            return;
+        }
+        // A full ring: the call is still there, and ordered again in a second.
+        let _ = push_end_order(&mut orders[bucket % n], ORDER_LIFETIME, key);
+    });
+}
+
+/// Hands the call with id `id` to a worker to end (an operator's `sipctl dialog end`).
+pub(crate) fn end_dialog(shared: &Shared, id: u64) -> Result<(), String> {
+    use sipmesh_cluster::ownership::bucket_of;
+    let table = shared
+        .dialogs
+        .as_ref()
+        .ok_or("the proxy is off on this node")?;
+    let key = table.key_of(id).ok_or(format!("no dialog {id:016x}"))?;
+    let d = table.get(&key).ok_or(format!("no dialog {id:016x}"))?;
+    let mut orders = shared
+        .dialog_orders
+        .lock()
+        .map_err(|_| "dialog orders unavailable".to_string())?;
+    let n = orders.len().max(1);
+    let ring = orders
+        .get_mut(bucket_of(&d.call_id) % n)
+        .ok_or("no worker")?;
+    if push_end_order(ring, ORDER_ADMIN, &key) {
+        Ok(())
+    } else {
+        Err("the worker's order ring is full; try again".into())
     }
 }
 

@@ -523,6 +523,18 @@ impl pb::admin_server::Admin for AdminSvc {
         Ok(Response::new(pb::DialogList { dialogs, total }))
     }
 
+    async fn dialog_end(
+        &self,
+        req: Request<pb::DialogArgs>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let a = req.into_inner();
+        let id = u64::from_str_radix(a.id.trim_start_matches("0x"), 16).map_err(|_| {
+            Status::invalid_argument(format!("id: `{}` is not a hex dialog id", a.id))
+        })?;
+        crate::grpc::end_dialog(&self.0, id).map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn keepalive(
         &self,
         req: Request<pb::KeepaliveArgs>,

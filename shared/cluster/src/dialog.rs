@@ -52,6 +52,8 @@ pub enum EndReason {
     Failed(u16),
     /// The lifetime limit ran out.
     Lifetime,
+    /// An operator ended it (`sipctl dialog end`).
+    Admin,
 }
 
 impl EndReason {
@@ -61,6 +63,7 @@ impl EndReason {
             EndReason::Bye => out.extend_from_slice(b"bye"),
             EndReason::Cancelled => out.extend_from_slice(b"cancelled"),
             EndReason::Lifetime => out.extend_from_slice(b"lifetime"),
+            EndReason::Admin => out.extend_from_slice(b"admin"),
             EndReason::Failed(c) => {
                 out.extend_from_slice(b"failed-");
                 out.extend_from_slice(c.to_string().as_bytes());
@@ -122,6 +125,29 @@ pub struct Dialog {
     pub end: Option<(EndReason, Party)>,
     /// Node whose proxy created it.
     pub origin: NodeId,
+    /// What ending the call from the middle needs (a BYE to each side).
+    pub legs: Legs,
+}
+
+/// The two sides of a call, as the proxy saw them: enough to send each a BYE.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Legs {
+    /// From header value of the INVITE (the caller's identity and tag).
+    pub from_hdr: Box<[u8]>,
+    /// To header value of the INVITE (without the callee's tag).
+    pub to_hdr: Box<[u8]>,
+    /// Contact URI of the caller (the INVITE's).
+    pub caller_contact: Box<[u8]>,
+    /// Contact URI of the callee (the 2xx's).
+    pub callee_contact: Box<[u8]>,
+    /// Where the caller's requests came from (a BYE to it goes there, NAT included).
+    pub caller_addr: Option<std::net::SocketAddr>,
+    /// Where the callee was reached.
+    pub callee_addr: Option<std::net::SocketAddr>,
+    /// Highest CSeq number seen from the caller.
+    pub caller_cseq: u32,
+    /// Highest CSeq number seen from the callee.
+    pub callee_cseq: u32,
 }
 
 impl Dialog {
@@ -240,6 +266,23 @@ impl DialogTable {
         self.map.iter(&g).map(|(_, v)| v.clone()).collect()
     }
 
+    /// Visits every live dialog with its key (no copy).
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], &Dialog)) {
+        let g = self.map.guard();
+        for (k, v) in self.map.iter(&g) {
+            f(k, v);
+        }
+    }
+
+    /// The key of the dialog with id `id`.
+    pub fn key_of(&self, id: u64) -> Option<Vec<u8>> {
+        let g = self.map.guard();
+        self.map
+            .iter(&g)
+            .find(|(_, v)| v.id == id)
+            .map(|(k, _)| k.to_vec())
+    }
+
     /// The dialog with id `id`.
     pub fn find_id(&self, id: u64) -> Option<Arc<Dialog>> {
         let g = self.map.guard();
@@ -270,6 +313,7 @@ mod tests {
             expires_ms: 1000 + 43_200_000,
             end: None,
             origin: NodeId(1),
+            legs: Legs::default(),
         }
     }
 
