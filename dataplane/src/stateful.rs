@@ -626,7 +626,7 @@ impl Proxy {
     /// Our own response to `m` (100, 404, 480, 481, 408, 487 ...), with a To tag derived
     /// from the request so retransmissions get the same one.
     fn build_reply(m: &Message<'_>, src_addr: SocketAddr, code: u16, reason: &str) -> Vec<u8> {
-        let mut v = vec![0u8; 4096];
+        let mut v = [0u8; 4096];
         let n = {
             let Ok(c) = m.check_request() else {
                 return Vec::new();
@@ -652,8 +652,8 @@ impl Proxy {
             w.put(b"Content-Length: 0\r\n\r\n");
             w.finish().unwrap_or(0)
         };
-        v.truncate(n);
-        v
+        // Exactly its length: a transaction may keep it for 32 s.
+        v[..n].to_vec()
     }
 
     /// Builds and sends our own response to `m`.
@@ -1047,6 +1047,10 @@ impl Proxy {
                 Action::Pass(code) => {
                     if let Some((_, Ctx::Client(cc))) = self.txns.get_mut(id) {
                         let (parent, index) = (cc.parent, cc.index);
+                        if (200..300).contains(&code) && cseq.method == Method::Invite {
+                            // Accepted: no retransmission, CANCEL or ACK of ours follows.
+                            cc.request = Vec::new();
+                        }
                         self.relay(parent, index, Some(m), code, now, out);
                     } else if let Some(Ctx::Client(cc)) = &ended {
                         self.relay(cc.parent, cc.index, Some(m), code, now, out);
@@ -1183,7 +1187,18 @@ impl Proxy {
         } else {
             Vec::new()
         };
-        s.response = bytes;
+        // What a retransmission may need, and nothing more: a transaction lives on for
+        // up to 64*T1 after its final response. An INVITE answered 2xx absorbs
+        // retransmitted INVITEs without answering (RFC 6026 Accepted), and our own
+        // responses are built from the request only until a final one went.
+        if invite && (200..300).contains(&final_code) {
+            s.response = Vec::new();
+        } else {
+            s.response = bytes;
+        }
+        if final_code >= 200 {
+            s.request = Vec::new();
+        }
         if final_code >= 101 {
             self.txns.event(sid, Event::Send(final_code), now);
         }
