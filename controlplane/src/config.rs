@@ -86,6 +86,7 @@ struct ProxySection {
 #[serde(deny_unknown_fields)]
 struct DialogSection {
     lifetime_s: u64,
+    profiles: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +106,8 @@ pub struct ProxySettings {
     pub timers: sipmesh_dataplane::txn::TimerConfig,
     /// Lifetime limit of a call.
     pub dialog_lifetime_ms: u64,
+    /// Dialog profiles: (name, what they count by).
+    pub profiles: Vec<(String, sipmesh_cluster::dialog::ProfileKey)>,
 }
 
 /// Call detail records.
@@ -813,7 +816,29 @@ impl Config {
             rotate_bytes: c.rotate_bytes,
             rotate_s: c.rotate_s,
         };
+        let mut profiles = Vec::new();
+        for (i, p) in f.dialog.profiles.iter().enumerate() {
+            let field = format!("dialog.profiles[{i}]");
+            let (name, key) = p.split_once('=').unwrap_or((p.as_str(), "none"));
+            check_tag_name(name).map_err(|_| {
+                err(
+                    &field,
+                    format!("`{name}` is not a profile name (1..64 of A-Z a-z 0-9 - _ .)"),
+                )
+            })?;
+            let Some(key) = sipmesh_cluster::dialog::ProfileKey::parse(key) else {
+                return Err(err(
+                    &field,
+                    format!("`{key}` is not one of none, from_user, to_user, to_domain"),
+                ));
+            };
+            if profiles.iter().any(|(n, _)| n == name) {
+                return Err(err(&field, format!("profile `{name}` is defined twice")));
+            }
+            profiles.push((name.to_string(), key));
+        }
         let proxy = ProxySettings {
+            profiles,
             dialog_lifetime_ms: f.dialog.lifetime_s * 1000,
             enabled: p.enabled,
             record_route: p.record_route,

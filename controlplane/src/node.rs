@@ -21,7 +21,7 @@ use sipmesh_dataplane::durable::{DurableShared, Gate};
 
 use crate::config::Config;
 use crate::grpc::{Attached, ControlOptions, ControlPlane, ControlStats, KeepaliveAttach};
-use sipmesh_cluster::dialog::DialogTable;
+use sipmesh_cluster::dialog::{DialogTable, Profiles};
 use sipmesh_dataplane::mailbox::mailboxes;
 use sipmesh_dataplane::stateful::{DialogShare, Proxy, ProxyConfig, ProxyStats};
 
@@ -200,6 +200,7 @@ impl Node {
         // Calls: one table for the node; each worker hands finished calls to the CDR
         // writer over a ring of its own.
         let dialogs = Arc::new(DialogTable::new(4096));
+        let profiles = Arc::new(Profiles::new(config.proxy.profiles.clone()));
         let mut end_tx = Vec::with_capacity(n);
         let dialog_orders = Arc::new(Mutex::new(
             (0..n)
@@ -240,6 +241,7 @@ impl Node {
                 (config.proxy.clone(), keys.clone(), proxy_stats.clone());
             let (dialogs, cdr_tx, dialog_orders) =
                 (dialogs.clone(), cdr_tx.clone(), dialog_orders.clone());
+            let profiles = profiles.clone();
             move |i: usize| {
                 // Start-up only: each worker takes its ring's producing half once.
                 let producer = producers
@@ -306,6 +308,7 @@ impl Node {
                                 .and_then(|mut v| v.get_mut(i).and_then(Option::take))
                                 .expect("one CDR ring per worker"),
                             segment: segment.clone(),
+                            profiles: profiles.clone(),
                             orders: dialog_orders
                                 .lock()
                                 .ok()
@@ -343,7 +346,7 @@ impl Node {
                 persister: persister.as_ref(),
                 segment: segment.clone(),
                 control_ring,
-                dialogs: Some((dialogs.clone(), end_tx)),
+                dialogs: Some((dialogs.clone(), end_tx, profiles.clone())),
                 keepalive: Some(KeepaliveAttach {
                     orders: order_tx,
                     acks,

@@ -29,7 +29,7 @@ use crate::txn::table::{BranchId, Keys, TxId, TxTable};
 use crate::txn::{Action, Event, Kind, Reliability, TimerConfig, Transaction};
 use sipmesh_cluster::NodeId;
 use sipmesh_cluster::dialog::{
-    Dialog, DialogState, DialogTable, EndReason, Legs, Party, dialog_key,
+    Dialog, DialogState, DialogTable, EndReason, Legs, Party, Profiles, dialog_key,
 };
 
 /// The URI of the first Contact of `m`.
@@ -82,6 +82,8 @@ pub struct DialogShare {
     pub cdrs: rtrb::Producer<u8>,
     /// The ownership segment: a CDR is written where the node acts on the dialog.
     pub segment: Arc<Segment>,
+    /// Named counters of live calls.
+    pub profiles: Arc<Profiles>,
     /// Calls to end from the middle (lifetime limit, operator), ordered by the control
     /// plane: frames of a u32 LE length, a reason octet ([`ORDER_LIFETIME`],
     /// [`ORDER_ADMIN`]) and the dialog's key.
@@ -307,8 +309,12 @@ impl Proxy {
                 callee_cseq: 0,
             },
         };
-        if d.table.insert(&self.dkey, dialog) {
+        // Counted first: once in the table, any worker may end it.
+        d.profiles.add(&dialog, 1);
+        if d.table.insert(&self.dkey, dialog.clone()) {
             self.stats.dialogs_created.fetch_add(1, Relaxed);
+        } else {
+            d.profiles.add(&dialog, -1);
         }
         Some(self.dkey.clone())
     }
@@ -363,7 +369,7 @@ impl Proxy {
             Some(n)
         });
         if let Some(e) = ended.filter(|e| e.state == DialogState::Terminated) {
-            self.cdr(&e, now);
+            self.dialog_ended(&e, now);
         }
     }
 
@@ -443,8 +449,16 @@ impl Proxy {
                 self.send_own(b"BYE", uri, from, to, &ended.call_id, cseq, dest, now, out);
             }
         }
-        self.cdr(&ended, now);
+        self.dialog_ended(&ended, now);
         true
+    }
+
+    /// A call is over: out of its profiles, and its CDR.
+    fn dialog_ended(&mut self, d: &Dialog, now: Millis) {
+        if let Some(s) = self.dialogs.as_ref() {
+            s.profiles.add(d, -1);
+        }
+        self.cdr(d, now);
     }
 
     /// Sends a request of our own as a client transaction (retransmitted until answered).
@@ -538,7 +552,7 @@ impl Proxy {
             ended = d.table.update(&self.dkey, bye(Party::Callee));
         }
         if let Some(e) = ended {
-            self.cdr(&e, now);
+            self.dialog_ended(&e, now);
         }
     }
 

@@ -432,6 +432,13 @@ fn dialog_harness() -> (
         cdrs: p,
         segment,
         orders: oc,
+        profiles: Arc::new(sipmesh_cluster::dialog::Profiles::new(vec![
+            ("calls".into(), sipmesh_cluster::dialog::ProfileKey::None),
+            (
+                "caller".into(),
+                sipmesh_cluster::dialog::ProfileKey::FromUser,
+            ),
+        ])),
     });
     h.core = core.with_proxy(proxy);
     (h, table, c, op)

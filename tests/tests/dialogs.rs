@@ -135,6 +135,19 @@ fn an_operator_and_the_lifetime_limit_end_calls_with_a_bye_to_each_side() {
     let id = d["id"].as_str().unwrap().to_string();
     let shown = sipd.sipctl_json(&["dialog", "show", &id]);
     assert_eq!(shown["to_tag"], "bo1");
+    // Dialog profiles count it (the default ones: calls, caller, callee).
+    assert_eq!(sipd.sipctl_json(&["profile", "get", "calls"])["total"], 1);
+    let by_caller = sipd.sipctl_json(&["profile", "get", "caller"]);
+    assert_eq!(by_caller["counts"][0]["value"], "alice", "{by_caller}");
+    assert_eq!(
+        sipd.sipctl_json(&["profile", "get", "callee", "bob"])["total"],
+        1
+    );
+    assert_eq!(
+        sipd.sipctl_json(&["profile", "get", "callee", "carol"])["total"],
+        0
+    );
+    assert!(sipd.sipctl(&["profile", "get", "nope"]).is_err());
     let out = sipd.sipctl(&["dialog", "end", &id]).unwrap();
     assert!(out.contains("a BYE goes to each side"), "{out}");
     let to_bob = bob.expect("BYE ");
@@ -156,6 +169,7 @@ fn an_operator_and_the_lifetime_limit_end_calls_with_a_bye_to_each_side() {
     assert_eq!(v[0]["hung_up_by"], "proxy");
     assert_eq!(v[0]["call_id"], call_id.as_str());
     assert_eq!(sipd.sipctl_json(&["dialog", "list"])["total"], 0);
+    assert_eq!(sipd.sipctl_json(&["profile", "get", "calls"])["total"], 0);
     assert!(sipd.sipctl(&["dialog", "end", &id]).is_err(), "gone");
 
     // 2. The lifetime limit (3 s) ends the next one.

@@ -36,6 +36,8 @@ COMMANDS:
     dialog list            calls the proxy tracks (state, caller, callee, age)
     dialog show ID         one call in full
     dialog end ID          end a call: a BYE to each side, and its CDR
+    profile get NAME [VALUE]
+                           live calls counted by a dialog profile (per value)
     ping [status]          NAT keepalives: settings and counters
     ping enable|disable    start or stop pinging on this node
     ping interval MS       ping each flagged contact every MS ms
@@ -882,6 +884,42 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                         })
                         .collect(),
                 );
+            }
+        }
+        ["profile", "get", name, rest @ ..] if rest.len() <= 1 => {
+            let r = c
+                .profile_get(pb::ProfileArgs {
+                    name: name.to_string(),
+                    value: rest.first().map(|v| v.to_string()).unwrap_or_default(),
+                    has_value: !rest.is_empty(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print(Json::Obj(vec![
+                    ("total", Json::Num(r.total.max(0) as u64)),
+                    (
+                        "counts",
+                        Json::Arr(
+                            r.counts
+                                .iter()
+                                .map(|c| {
+                                    Json::Obj(vec![
+                                        ("value", s(c.value.clone())),
+                                        ("count", Json::Num(c.count.max(0) as u64)),
+                                    ])
+                                })
+                                .collect(),
+                        ),
+                    ),
+                ]));
+            } else {
+                say!("{name}: {} live calls", r.total);
+                for c in &r.counts {
+                    if !c.value.is_empty() {
+                        say!("  {:<30} {}", c.value, c.count);
+                    }
+                }
             }
         }
         ["dialog", "end", id] => {

@@ -36,7 +36,7 @@ use crate::node::format_change;
 use crate::pb;
 use crate::store::Store;
 use crate::store::persist::{PersistSender, PersistStats, Persister};
-use sipmesh_cluster::dialog::DialogTable;
+use sipmesh_cluster::dialog::{DialogTable, Profiles};
 use sipmesh_cluster::ownership::Segment;
 use sipmesh_dataplane::stateful::{ORDER_ADMIN, ORDER_LIFETIME, push_end_order};
 
@@ -114,6 +114,8 @@ pub(crate) struct Shared {
     pub dialogs: Option<Arc<DialogTable>>,
     /// The workers' rings of calls to end.
     pub dialog_orders: Arc<std::sync::Mutex<Vec<rtrb::Producer<u8>>>>,
+    /// Dialog profiles.
+    pub profiles: Option<Arc<Profiles>>,
 }
 
 impl Shared {
@@ -170,7 +172,7 @@ pub struct Attached<'a> {
     pub keepalive: Option<KeepaliveAttach>,
     /// The calls the proxy tracks, and the workers' rings of calls to end (None: no
     /// proxy).
-    pub dialogs: Option<(Arc<DialogTable>, Vec<rtrb::Producer<u8>>)>,
+    pub dialogs: Option<(Arc<DialogTable>, Vec<rtrb::Producer<u8>>, Arc<Profiles>)>,
 }
 
 /// The running control plane.
@@ -202,9 +204,9 @@ impl ControlPlane {
             keepalive,
             dialogs,
         } = attached;
-        let (dialog_table, dialog_orders) = match dialogs {
-            Some((t, o)) => (Some(t), o),
-            None => (None, Vec::new()),
+        let (dialog_table, dialog_orders, profiles) = match dialogs {
+            Some((t, o, p)) => (Some(t), o, Some(p)),
+            None => (None, Vec::new(), None),
         };
         let control_ring = Arc::new(std::sync::Mutex::new(control_ring));
         let sweep = (
@@ -303,6 +305,7 @@ impl ControlPlane {
                     tag_slots: TagSlots::default(),
                     dialogs: dialog_table,
                     dialog_orders: Arc::new(std::sync::Mutex::new(dialog_orders)),
+                    profiles,
                 };
                 runtime.block_on(run(
                     mc,

@@ -523,6 +523,38 @@ impl pb::admin_server::Admin for AdminSvc {
         Ok(Response::new(pb::DialogList { dialogs, total }))
     }
 
+    async fn profile_get(
+        &self,
+        req: Request<pb::ProfileArgs>,
+    ) -> Result<Response<pb::ProfileReply>, Status> {
+        let a = req.into_inner();
+        let profiles = self
+            .0
+            .profiles
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("the proxy is off on this node"))?;
+        let value = a.has_value.then_some(a.value.as_bytes());
+        let counts = profiles.get(&a.name, value).ok_or_else(|| {
+            let known: Vec<&str> = profiles.defs().iter().map(|(n, _)| n.as_str()).collect();
+            Status::not_found(format!(
+                "no profile `{}` (defined: {})",
+                a.name,
+                known.join(", ")
+            ))
+        })?;
+        let total = counts.iter().map(|(_, c)| *c).sum();
+        Ok(Response::new(pb::ProfileReply {
+            counts: counts
+                .into_iter()
+                .map(|(v, count)| pb::ProfileCount {
+                    value: String::from_utf8_lossy(&v).into_owned(),
+                    count,
+                })
+                .collect(),
+            total,
+        }))
+    }
+
     async fn dialog_end(
         &self,
         req: Request<pb::DialogArgs>,

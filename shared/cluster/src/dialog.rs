@@ -293,6 +293,128 @@ impl DialogTable {
     }
 }
 
+/// What a dialog profile counts calls by (OpenSIPS `set_dlg_profile`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProfileKey {
+    /// One counter for all calls.
+    None,
+    /// The caller's user part (From URI).
+    FromUser,
+    /// The callee's user part (Request-URI of the INVITE).
+    ToUser,
+    /// The callee's domain.
+    ToDomain,
+}
+
+impl ProfileKey {
+    /// `none`, `from_user`, `to_user`, `to_domain`.
+    pub fn parse(s: &str) -> Option<ProfileKey> {
+        match s {
+            "none" | "" => Some(ProfileKey::None),
+            "from_user" => Some(ProfileKey::FromUser),
+            "to_user" => Some(ProfileKey::ToUser),
+            "to_domain" => Some(ProfileKey::ToDomain),
+            _ => None,
+        }
+    }
+
+    /// The value a dialog counts under.
+    pub fn value(self, d: &Dialog) -> &[u8] {
+        fn user(uri: &[u8]) -> &[u8] {
+            let rest = uri
+                .strip_prefix(b"sips:")
+                .or_else(|| uri.strip_prefix(b"sip:"))
+                .unwrap_or(uri);
+            match rest.iter().position(|&b| b == b'@') {
+                Some(at) => &rest[..at],
+                None => b"",
+            }
+        }
+        fn domain(uri: &[u8]) -> &[u8] {
+            let rest = uri
+                .strip_prefix(b"sips:")
+                .or_else(|| uri.strip_prefix(b"sip:"))
+                .unwrap_or(uri);
+            let rest = match rest.iter().position(|&b| b == b'@') {
+                Some(at) => &rest[at + 1..],
+                None => rest,
+            };
+            let end = rest
+                .iter()
+                .position(|&b| b == b';' || b == b'?' || b == b'>')
+                .unwrap_or(rest.len());
+            &rest[..end]
+        }
+        match self {
+            ProfileKey::None => b"",
+            ProfileKey::FromUser => user(&d.caller),
+            ProfileKey::ToUser => user(&d.callee),
+            ProfileKey::ToDomain => domain(&d.callee),
+        }
+    }
+}
+
+/// Named counters of live calls, optionally per value (calls per caller, per callee
+/// ...), readable at any time. Lock-free: an atomic per (profile, value).
+#[derive(Debug)]
+pub struct Profiles {
+    defs: Vec<(String, ProfileKey)>,
+    counts: papaya::HashMap<(u16, Box<[u8]>), Arc<std::sync::atomic::AtomicI64>>,
+}
+
+impl Profiles {
+    /// Profiles `defs`: (name, what it counts by).
+    pub fn new(defs: Vec<(String, ProfileKey)>) -> Profiles {
+        Profiles {
+            defs,
+            counts: papaya::HashMap::new(),
+        }
+    }
+
+    /// The profiles defined.
+    pub fn defs(&self) -> &[(String, ProfileKey)] {
+        &self.defs
+    }
+
+    /// A call starts (`+1`) or ends (`-1`) in every profile.
+    pub fn add(&self, d: &Dialog, delta: i64) {
+        let g = self.counts.guard();
+        for (i, (_, k)) in self.defs.iter().enumerate() {
+            let key = (i as u16, Box::from(k.value(d)));
+            let c = match self.counts.get(&key, &g) {
+                Some(c) => c.clone(),
+                None => self
+                    .counts
+                    .get_or_insert_with(key, || Arc::new(std::sync::atomic::AtomicI64::new(0)), &g)
+                    .clone(),
+            };
+            c.fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+
+    /// Live calls of profile `name`: per value (`value` None: every value with calls).
+    pub fn get(&self, name: &str, value: Option<&[u8]>) -> Option<Vec<(Vec<u8>, i64)>> {
+        let i = self.defs.iter().position(|(n, _)| n == name)? as u16;
+        let g = self.counts.guard();
+        let mut out: Vec<(Vec<u8>, i64)> = match value {
+            Some(v) => vec![(
+                v.to_vec(),
+                self.counts
+                    .get(&(i, Box::from(v)), &g)
+                    .map_or(0, |c| c.load(Ordering::Relaxed)),
+            )],
+            None => self
+                .counts
+                .iter(&g)
+                .filter(|((p, _), c)| *p == i && c.load(Ordering::Relaxed) != 0)
+                .map(|((_, v), c)| (v.to_vec(), c.load(Ordering::Relaxed)))
+                .collect(),
+        };
+        out.sort();
+        Some(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,5 +487,45 @@ mod tests {
         let mut r = Vec::new();
         EndReason::Failed(486).write(&mut r);
         assert_eq!(r, b"failed-486");
+    }
+
+    #[test]
+    fn profiles_count_live_calls_per_value() {
+        let p = Profiles::new(vec![
+            ("calls".into(), ProfileKey::None),
+            ("caller".into(), ProfileKey::FromUser),
+            ("callee".into(), ProfileKey::ToUser),
+            ("domain".into(), ProfileKey::ToDomain),
+        ]);
+        let mut a = d(1);
+        let mut b = d(2);
+        b.caller = Box::from(&b"sip:carol@example.com"[..]);
+        a.callee = Box::from(&b"sip:bob@example.net;user=phone"[..]);
+        p.add(&a, 1);
+        p.add(&b, 1);
+        p.add(&d(3), 1);
+        assert_eq!(p.get("calls", None).unwrap(), vec![(vec![], 3)]);
+        assert_eq!(
+            p.get("caller", None).unwrap(),
+            vec![(b"alice".to_vec(), 2), (b"carol".to_vec(), 1)]
+        );
+        assert_eq!(
+            p.get("caller", Some(b"alice")).unwrap(),
+            vec![(b"alice".to_vec(), 2)]
+        );
+        assert_eq!(
+            p.get("caller", Some(b"nobody")).unwrap(),
+            vec![(b"nobody".to_vec(), 0)]
+        );
+        assert_eq!(
+            p.get("domain", None).unwrap(),
+            vec![(b"example.com".to_vec(), 2), (b"example.net".to_vec(), 1)]
+        );
+        p.add(&a, -1);
+        assert_eq!(p.get("caller", Some(b"alice")).unwrap()[0].1, 1);
+        assert_eq!(p.get("callee", None).unwrap(), vec![(b"bob".to_vec(), 2)]);
+        assert!(p.get("nope", None).is_none());
+        assert_eq!(ProfileKey::parse("to_domain"), Some(ProfileKey::ToDomain));
+        assert_eq!(ProfileKey::parse("x"), None);
     }
 }
