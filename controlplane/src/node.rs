@@ -20,7 +20,9 @@ use sipmesh_cluster::keepalive::{Acks, order_ring};
 use sipmesh_dataplane::durable::{DurableShared, Gate};
 
 use crate::config::Config;
-use crate::grpc::{Attached, ControlOptions, ControlPlane, ControlStats, KeepaliveAttach};
+use crate::grpc::{
+    Attached, ControlOptions, ControlPlane, ControlStats, DialogAttach, KeepaliveAttach,
+};
 use sipmesh_cluster::dialog::{DialogTable, Profiles};
 use sipmesh_dataplane::mailbox::mailboxes;
 use sipmesh_dataplane::stateful::{DialogShare, Proxy, ProxyConfig, ProxyStats};
@@ -346,7 +348,11 @@ impl Node {
                 persister: persister.as_ref(),
                 segment: segment.clone(),
                 control_ring,
-                dialogs: Some((dialogs.clone(), end_tx, profiles.clone())),
+                dialogs: Some(DialogAttach {
+                    table: dialogs.clone(),
+                    end_orders: end_tx,
+                    profiles: profiles.clone(),
+                }),
                 keepalive: Some(KeepaliveAttach {
                     orders: order_tx,
                     acks,

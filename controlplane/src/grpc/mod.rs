@@ -170,9 +170,18 @@ pub struct Attached<'a> {
     pub control_ring: ChangeProducer,
     /// NAT keepalives (None: off).
     pub keepalive: Option<KeepaliveAttach>,
-    /// The calls the proxy tracks, and the workers' rings of calls to end (None: no
-    /// proxy).
-    pub dialogs: Option<(Arc<DialogTable>, Vec<rtrb::Producer<u8>>, Arc<Profiles>)>,
+    /// The calls the proxy tracks (None: no proxy).
+    pub dialogs: Option<DialogAttach>,
+}
+
+/// What the control plane works with for calls.
+pub struct DialogAttach {
+    /// Every live call.
+    pub table: Arc<DialogTable>,
+    /// The workers' rings of calls to end.
+    pub end_orders: Vec<rtrb::Producer<u8>>,
+    /// Dialog profiles.
+    pub profiles: Arc<Profiles>,
 }
 
 /// The running control plane.
@@ -205,7 +214,7 @@ impl ControlPlane {
             dialogs,
         } = attached;
         let (dialog_table, dialog_orders, profiles) = match dialogs {
-            Some((t, o, p)) => (Some(t), o, Some(p)),
+            Some(d) => (Some(d.table), d.end_orders, Some(d.profiles)),
             None => (None, Vec::new(), None),
         };
         let control_ring = Arc::new(std::sync::Mutex::new(control_ring));
