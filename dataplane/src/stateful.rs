@@ -690,8 +690,8 @@ impl Proxy {
         v
     }
 
-    /// A request the core does not answer itself. Returns false when it is not for the
-    /// proxy (the core answers it).
+    /// A request the node does not answer itself (the core has checked it): routed, or
+    /// answered by the proxy (404, 480, 481 ...).
     pub fn on_request<O: Outbox>(
         &mut self,
         m: &Message<'_>,
@@ -883,6 +883,7 @@ impl Proxy {
             .insert_server(key, txn, Ctx::Server(Box::new(ctx)));
         let record_route = (invite && self.cfg.record_route).then_some(&self.rr[..]);
         let targets = std::mem::take(&mut self.targets);
+        let mut failed = Vec::new();
         for (i, t) in targets.iter().enumerate() {
             let (txn, _) =
                 Transaction::client(kind, Reliability::Unreliable, self.cfg.timers, invite, now);
@@ -916,7 +917,10 @@ impl Proxy {
                 push_routes: &t.path,
             };
             let Some(n) = forward_request(m, &f, &mut self.buf) else {
+                // The request does not fit a datagram for this target: the branch fails
+                // as if the transport had (§16.9), once every branch exists.
                 self.txns.remove(cid);
+                failed.push(i);
                 continue;
             };
             Self::send(out, Dest::Udp(t.dest), &self.buf[..n]);
@@ -929,6 +933,9 @@ impl Proxy {
             }
         }
         self.targets = targets;
+        for i in failed {
+            self.relay(sid, i, None, 503, now, out);
+        }
     }
 
     fn stateless_branch(&self, c: &Checked<'_>, out: &mut [u8; 48]) -> usize {
