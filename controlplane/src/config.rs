@@ -76,6 +76,7 @@ struct TagsSection {
 struct ProxySection {
     enabled: bool,
     record_route: bool,
+    forking: String,
     t1_ms: u64,
     t2_ms: u64,
     t4_ms: u64,
@@ -108,6 +109,8 @@ pub struct ProxySettings {
     pub dialog_lifetime_ms: u64,
     /// Dialog profiles: (name, what they count by).
     pub profiles: Vec<(String, sipmesh_cluster::dialog::ProfileKey)>,
+    /// Contacts tried by q, one set at a time.
+    pub serial_forking: bool,
 }
 
 /// Call detail records.
@@ -837,7 +840,18 @@ impl Config {
             }
             profiles.push((name.to_string(), key));
         }
+        let serial_forking = match p.forking.as_str() {
+            "parallel" => false,
+            "serial" => true,
+            other => {
+                return Err(err(
+                    "proxy.forking",
+                    format!("`{other}` is not one of parallel, serial"),
+                ));
+            }
+        };
         let proxy = ProxySettings {
+            serial_forking,
             profiles,
             dialog_lifetime_ms: f.dialog.lifetime_s * 1000,
             enabled: p.enabled,

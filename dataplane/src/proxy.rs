@@ -215,6 +215,9 @@ pub enum Decision {
     SendBest { branch: usize, code: u16 },
     /// Nothing to send (a 100, or anything after the final response went upstream).
     Drop,
+    /// Every branch failed (none with a 6xx) and more targets wait (serial forking): try
+    /// the next ones ([`ResponseContext::add_branches`]).
+    Next,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -286,6 +289,28 @@ impl ResponseContext {
     /// Branch `i` received a response with `code` (a branch that timed out or failed to
     /// send is given 408 or 503 by the caller, §16.7 step 2 / §16.9).
     pub fn on_response(&mut self, i: usize, code: u16) -> Decision {
+        self.on_response_more(i, code, false)
+    }
+
+    /// Adds `k` pending branches (the next targets of serial forking); returns the index
+    /// of the first, or `None` when there is no room.
+    pub fn add_branches(&mut self, k: usize) -> Option<usize> {
+        if self.final_sent || self.n + k > MAX_BRANCHES {
+            return None;
+        }
+        let first = self.n;
+        for b in &mut self.branches[first..first + k] {
+            *b = Branch::Pending { provisional: false };
+        }
+        self.n += k;
+        Some(first)
+    }
+
+    /// [`ResponseContext::on_response`], knowing whether more targets wait (`more`):
+    /// then a failure of the last pending branch (but a 6xx) asks for them
+    /// ([`Decision::Next`]) instead of choosing the best response (RFC 3261 §16.6 step
+    /// 10: the next target set is tried when the current one fails).
+    pub fn on_response_more(&mut self, i: usize, code: u16, more: bool) -> Decision {
         let Some(b) = self.branches.get_mut(i).filter(|_| i < self.n) else {
             return Decision::Drop;
         };
@@ -317,6 +342,9 @@ impl ResponseContext {
                 // §16.7 step 4/6: when no branch is pending, the best response goes.
                 if self.pending().next().is_some() && code / 100 != 6 {
                     return Decision::Hold;
+                }
+                if more && code / 100 != 6 {
+                    return Decision::Next;
                 }
                 let best = (0..self.n)
                     .filter_map(|j| match self.branches[j] {

@@ -71,6 +71,9 @@ pub struct ProxyConfig {
     pub record_route: bool,
     /// Lifetime limit of a call (ms).
     pub dialog_lifetime_ms: u64,
+    /// Serial forking: contacts are tried by decreasing q, those of equal q together,
+    /// the next set when the current one fails (RFC 3261 §16.6); else all in parallel.
+    pub serial_forking: bool,
 }
 
 /// What the proxy shares with the rest of the node for dialogs.
@@ -166,6 +169,8 @@ struct ServerCtx {
     cancelled: bool,
     /// The key of the dialog this INVITE creates.
     dialog: Option<Vec<u8>>,
+    /// Targets not tried yet (serial forking).
+    rest: Vec<Target>,
 }
 
 struct ClientCtx {
@@ -188,10 +193,13 @@ enum Ctx {
     },
 }
 
+#[derive(Clone)]
 struct Target {
     uri: Vec<u8>,
     path: Vec<u8>,
     dest: SocketAddr,
+    /// q in thousandths (no q: 1000).
+    q: u16,
 }
 
 /// One worker's proxy.
@@ -777,6 +785,7 @@ impl Proxy {
                     uri: Vec::new(),
                     path: Vec::new(),
                     dest: d,
+                    q: 1000,
                 }),
                 None => {
                     self.reply_to(m, src.remote, upstream, 404, "Not Found", out);
@@ -789,6 +798,7 @@ impl Proxy {
                     uri: Vec::new(),
                     path: Vec::new(),
                     dest: d,
+                    q: 1000,
                 }),
                 None => {
                     // In a dialog with no route to follow, or addressed to us: §16.3.
@@ -819,6 +829,11 @@ impl Proxy {
                         uri: b.contact().to_vec(),
                         path: path.to_vec(),
                         dest,
+                        q: if b.q == sipmesh_cluster::usrloc::Q_NONE {
+                            1000
+                        } else {
+                            b.q
+                        },
                     });
                 }
             });
@@ -838,6 +853,7 @@ impl Proxy {
                         uri: Vec::new(),
                         path: Vec::new(),
                         dest: d,
+                        q: 1000,
                     }),
                     None => {
                         self.reply_to(m, src.remote, upstream, 404, "Not Found", out);
@@ -862,17 +878,25 @@ impl Proxy {
         } else if in_dialog && method != Method::Ack {
             self.dialog_cseq(c);
         }
+        // Serial forking: the targets of the highest q first (RFC 3261 §16.6).
+        let first_group = if self.cfg.serial_forking {
+            let q0 = self.targets.first().map_or(0, |t| t.q);
+            self.targets.iter().take_while(|t| t.q == q0).count()
+        } else {
+            self.targets.len()
+        };
         let (txn, acts) = Transaction::server(kind, rel, self.cfg.timers);
         let mut ctx = ServerCtx {
             request: m.as_bytes().to_vec(),
             upstream,
             response: Vec::new(),
-            rc: ResponseContext::new(self.targets.len()),
+            rc: ResponseContext::new(first_group),
             branches: [None; MAX_BRANCHES],
             held: Default::default(),
             invite,
             cancelled: false,
             dialog,
+            rest: self.targets[first_group..].to_vec(),
         };
         if acts.iter().any(|a| a == Action::SendResponse) {
             // §17.2.1: 100 Trying at once, hop by hop.
@@ -881,10 +905,40 @@ impl Proxy {
         let sid = self
             .txns
             .insert_server(key, txn, Ctx::Server(Box::new(ctx)));
-        let record_route = (invite && self.cfg.record_route).then_some(&self.rr[..]);
         let targets = std::mem::take(&mut self.targets);
+        let failed = self.forward_branches(sid, m, pop, &targets[..first_group], 0, now, out);
+        self.targets = targets;
+        for i in failed {
+            self.relay(sid, i, None, 503, now, out);
+        }
+    }
+
+    /// Forwards `m` to `targets` as branches `first..` of server transaction `sid`;
+    /// returns the indices of the branches that could not be sent.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_branches<O: Outbox>(
+        &mut self,
+        sid: TxId,
+        m: &Message<'_>,
+        pop: bool,
+        targets: &[Target],
+        first: usize,
+        now: Millis,
+        out: &mut O,
+    ) -> Vec<usize> {
+        let Some(method) = m.method() else {
+            return (first..first + targets.len()).collect();
+        };
+        let invite = method == Method::Invite;
+        let kind = if invite {
+            Kind::Invite
+        } else {
+            Kind::NonInvite
+        };
+        let record_route = (invite && self.cfg.record_route).then_some(&self.rr[..]);
         let mut failed = Vec::new();
-        for (i, t) in targets.iter().enumerate() {
+        for (k, t) in targets.iter().enumerate() {
+            let i = first + k;
             let (txn, _) =
                 Transaction::client(kind, Reliability::Unreliable, self.cfg.timers, invite, now);
             let cid = self.txns.insert_client(
@@ -932,7 +986,29 @@ impl Proxy {
                 s.branches[i] = Some(cid);
             }
         }
-        self.targets = targets;
+        failed
+    }
+
+    /// Serial forking: the current targets all failed; the next set (equal q) is tried.
+    fn next_targets<O: Outbox>(&mut self, sid: TxId, now: Millis, out: &mut O) {
+        let Some((_, Ctx::Server(s))) = self.txns.get_mut(sid) else {
+            return;
+        };
+        let q0 = s.rest.first().map_or(0, |t| t.q);
+        let k = s.rest.iter().take_while(|t| t.q == q0).count();
+        let group: Vec<Target> = s.rest.drain(..k).collect();
+        let Some(first) = s.rc.add_branches(group.len()) else {
+            return;
+        };
+        let request = s.request.clone();
+        let Ok(m) = Message::parse(&request, Framing::Datagram) else {
+            return;
+        };
+        let pop = m
+            .header(HeaderName::Route)
+            .and_then(first_route_uri)
+            .is_some_and(|u| self.is_us(&u));
+        let failed = self.forward_branches(sid, &m, pop, &group, first, now, out);
         for i in failed {
             self.relay(sid, i, None, 503, now, out);
         }
@@ -1116,7 +1192,7 @@ impl Proxy {
         let Some((_, Ctx::Server(s))) = self.txns.get_mut(sid) else {
             return;
         };
-        let decision = s.rc.on_response(index, code);
+        let decision = s.rc.on_response_more(index, code, !s.rest.is_empty());
         let (upstream, invite, cancelled) = (s.upstream, s.invite, s.cancelled);
         let dialog = s.dialog.clone();
         let mut ours = false;
@@ -1124,6 +1200,13 @@ impl Proxy {
         // when the chosen branch has none (it timed out), our own.
         let (raw, status, final_code, cancel_others) = match decision {
             Decision::Drop => return,
+            Decision::Next => {
+                if let Some(r) = resp {
+                    s.held[index].clear();
+                    s.held[index].extend_from_slice(r.as_bytes());
+                }
+                return self.next_targets(sid, now, out);
+            }
             Decision::Hold => {
                 if let Some(r) = resp {
                     s.held[index].clear();

@@ -27,6 +27,7 @@ fn proxy_harness() -> (Harness, Arc<ProxyStats>) {
             local: ME.parse().unwrap(),
             record_route: true,
             dialog_lifetime_ms: 43_200_000,
+            serial_forking: false,
         },
         Arc::new(Keys::new()),
         7,
@@ -420,6 +421,7 @@ fn dialog_harness() -> (
             local: ME.parse().unwrap(),
             record_route: true,
             dialog_lifetime_ms: 43_200_000,
+            serial_forking: false,
         },
         Arc::new(Keys::new()),
         7,
@@ -632,4 +634,75 @@ fn a_call_past_its_lifetime_is_ended_with_a_bye_to_each_side() {
     assert!(push_end_order(&mut orders, ORDER_LIFETIME, &key));
     h.advance(10);
     assert!(sent(&h).is_empty(), "nothing to end");
+}
+
+#[test]
+fn serial_forking_tries_contacts_by_q_one_set_at_a_time() {
+    let mut h = Harness::new(RegistrarConfig::default());
+    let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
+    h.core = core.with_proxy(Proxy::new(
+        ProxyConfig {
+            timers: TimerConfig::default(),
+            local: ME.parse().unwrap(),
+            record_route: true,
+            dialog_lifetime_ms: 43_200_000,
+            serial_forking: true,
+        },
+        Arc::new(Keys::new()),
+        7,
+        0,
+        h.now,
+        Arc::new(ProxyStats::default()),
+    ));
+    register_at(&mut h, "bob", "198.51.100.81:5060", ";q=0.9");
+    register_at(&mut h, "bob", "198.51.100.82:5060", ";q=0.5");
+    register_at(&mut h, "bob", "198.51.100.83:5060", ";q=0.5");
+    h.send(&invite("ser1", "z9hG4bKs1"));
+    let s = sent(&h);
+    // 100 Trying and the INVITE to the q=0.9 contact only.
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert_eq!(s[1].0, udp("198.51.100.81:5060"));
+    let first = s[1].1.clone();
+    // It is busy: ACKed, and the next set (both q=0.5) is tried together.
+    h.send_from(
+        &answer(&first, 486, "Busy Here", "s1"),
+        &udp_source("198.51.100.81:5060"),
+    );
+    let s = sent(&h);
+    assert_eq!(s.len(), 3, "{s:?}");
+    assert!(s[0].1.starts_with("ACK "));
+    let next: Vec<Dest> = s[1..].iter().map(|(d, _)| *d).collect();
+    assert_eq!(
+        next,
+        vec![udp("198.51.100.82:5060"), udp("198.51.100.83:5060")]
+    );
+    assert!(
+        s[1].1
+            .starts_with("INVITE sip:bob@198.51.100.82:5060 SIP/2.0\r\n")
+    );
+    assert!(
+        s[1].1
+            .contains("\r\nRecord-Route: <sip:192.0.2.1:5060;lr>\r\n")
+    );
+    let (b2, b3) = (s[1].1.clone(), s[2].1.clone());
+    // A 6xx ends the search (§16.7 step 6): it goes up, and the branch still pending is
+    // cancelled.
+    h.send_from(
+        &answer(&b2, 603, "Decline", "s2"),
+        &udp_source("198.51.100.82:5060"),
+    );
+    let s = sent(&h);
+    assert!(
+        s.iter()
+            .any(|(d, m)| *d == udp(CALLER) && m.starts_with("SIP/2.0 603 Decline\r\n")),
+        "{s:?}"
+    );
+    let cancel = s
+        .iter()
+        .find(|(d, m)| *d == udp("198.51.100.83:5060") && m.starts_with("CANCEL "))
+        .expect("the pending branch is cancelled");
+    assert_eq!(
+        header(&cancel.1, "Via"),
+        header(&b3, "Via").map(|v| v.split(',').next().unwrap())
+    );
 }

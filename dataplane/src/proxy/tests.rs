@@ -224,3 +224,37 @@ fn cancel_and_ack_copy_what_9_1_and_17_1_1_3_require() {
     .unwrap();
     assert!(buf[..n].starts_with(b"SIP/2.0 500 Server Internal Error\r\nVia: SIP/2.0/UDP b;"));
 }
+
+#[test]
+fn serial_forking_asks_for_the_next_targets_until_one_answers_or_none_is_left() {
+    use Decision::*;
+    let mut c = ResponseContext::new(1);
+    // The first target fails, more wait: next.
+    assert_eq!(c.on_response_more(0, 486, true), Next);
+    assert!(!c.final_sent());
+    assert_eq!(c.add_branches(2), Some(1));
+    assert_eq!(c.pending().collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(c.on_response_more(1, 480, false), Hold);
+    // The last one fails and nothing is left: the best of all three (486 over 480 and
+    // 404: the first of the 4xx).
+    assert_eq!(
+        c.on_response_more(2, 404, false),
+        SendBest {
+            branch: 0,
+            code: 486
+        }
+    );
+    // A 6xx stops the search even with targets left.
+    let mut c = ResponseContext::new(1);
+    assert_eq!(
+        c.on_response_more(0, 603, true),
+        SendBest {
+            branch: 0,
+            code: 603
+        }
+    );
+    assert_eq!(c.add_branches(1), None, "after the final response");
+    // No room beyond MAX_BRANCHES.
+    let mut c = ResponseContext::new(MAX_BRANCHES);
+    assert_eq!(c.add_branches(1), None);
+}
