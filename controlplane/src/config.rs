@@ -87,6 +87,7 @@ struct ProxySection {
 #[serde(deny_unknown_fields)]
 struct DialogSection {
     lifetime_s: u64,
+    ping_interval_s: u64,
     profiles: Vec<String>,
 }
 
@@ -107,6 +108,8 @@ pub struct ProxySettings {
     pub timers: sipmesh_dataplane::txn::TimerConfig,
     /// Lifetime limit of a call.
     pub dialog_lifetime_ms: u64,
+    /// In-dialog ping period (0: none).
+    pub dialog_ping_ms: u64,
     /// Dialog profiles: (name, what they count by).
     pub profiles: Vec<(String, sipmesh_cluster::dialog::ProfileKey)>,
     /// Contacts tried by q, one set at a time.
@@ -850,7 +853,11 @@ impl Config {
                 ));
             }
         };
+        if f.dialog.ping_interval_s > 86_400 {
+            return Err(err("dialog.ping_interval_s", "must be at most 86400"));
+        }
         let proxy = ProxySettings {
+            dialog_ping_ms: f.dialog.ping_interval_s * 1000,
             serial_forking,
             profiles,
             dialog_lifetime_ms: f.dialog.lifetime_s * 1000,

@@ -295,6 +295,7 @@ impl Node {
                                 local: ping_from,
                                 record_route: proxy_cfg.record_route,
                                 dialog_lifetime_ms: proxy_cfg.dialog_lifetime_ms,
+                                dialog_ping_ms: proxy_cfg.dialog_ping_ms,
                                 serial_forking: proxy_cfg.serial_forking,
                             },
                             keys.clone(),

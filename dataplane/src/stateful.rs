@@ -71,6 +71,8 @@ pub struct ProxyConfig {
     pub record_route: bool,
     /// Lifetime limit of a call (ms).
     pub dialog_lifetime_ms: u64,
+    /// In-dialog OPTIONS pings of both sides every this many ms (0: none).
+    pub dialog_ping_ms: u64,
     /// Serial forking: contacts are tried by decreasing q, those of equal q together,
     /// the next set when the current one fails (RFC 3261 §16.6); else all in parallel.
     pub serial_forking: bool,
@@ -97,6 +99,17 @@ pub struct DialogShare {
 pub const ORDER_LIFETIME: u8 = 1;
 /// Order reason: an operator ends it.
 pub const ORDER_ADMIN: u8 = 2;
+/// Order: ping both sides of the call in the dialog.
+pub const ORDER_PING: u8 = 3;
+
+/// Ping rounds a confirmed call answered at `answered_ms` is due at `now` (every
+/// `interval` ms from the answer; 0: never).
+pub fn ping_rounds_due(answered_ms: u64, now: Millis, interval: u64) -> u32 {
+    if interval == 0 || answered_ms == 0 {
+        return 0;
+    }
+    (now.saturating_sub(answered_ms) / interval).min(u64::from(u32::MAX)) as u32
+}
 
 /// Frames an order to end the call of `key` into `p`; false when the ring is full.
 pub fn push_end_order(p: &mut rtrb::Producer<u8>, reason: u8, key: &[u8]) -> bool {
@@ -186,10 +199,12 @@ struct ClientCtx {
 enum Ctx {
     Server(Box<ServerCtx>),
     Client(ClientCtx),
-    /// A request of our own (a CANCEL, a BYE ending a call): its bytes and where.
+    /// A request of our own (a CANCEL, a BYE ending a call, an in-dialog ping): its
+    /// bytes and where; a ping names its dialog.
     Own {
         request: Vec<u8>,
         dest: SocketAddr,
+        ping: Option<Vec<u8>>,
     },
 }
 
@@ -315,6 +330,7 @@ impl Proxy {
                 callee_addr: None,
                 caller_cseq: c.cseq.seq,
                 callee_cseq: 0,
+                pings: 0,
             },
         };
         // Counted first: once in the table, any worker may end it.
@@ -454,11 +470,77 @@ impl Proxy {
             ];
             for (uri, addr, from, to, cseq) in legs {
                 let Some(dest) = addr else { continue };
-                self.send_own(b"BYE", uri, from, to, &ended.call_id, cseq, dest, now, out);
+                self.send_own(
+                    b"BYE",
+                    uri,
+                    from,
+                    to,
+                    &ended.call_id,
+                    cseq,
+                    dest,
+                    None,
+                    now,
+                    out,
+                );
             }
         }
         self.dialog_ended(&ended, now);
         true
+    }
+
+    /// Pings both sides of a confirmed call with an in-dialog OPTIONS (once per round:
+    /// an order repeated for the same round does nothing); a side that answers 481, or
+    /// not at all, ends the call.
+    fn ping_dialog<O: Outbox>(&mut self, key: &[u8], now: Millis, out: &mut O) {
+        let Some(d) = self.dialogs.as_ref() else {
+            return;
+        };
+        let interval = self.cfg.dialog_ping_ms;
+        let Some(cur) = d.table.update(key, |cur| {
+            let due = ping_rounds_due(cur.answered_ms, now, interval);
+            (cur.state == DialogState::Confirmed && due > cur.legs.pings).then(|| {
+                let mut n = cur.clone();
+                n.legs.pings = due;
+                n
+            })
+        }) else {
+            return;
+        };
+        let l = &cur.legs;
+        let mut to_tagged = l.to_hdr.to_vec();
+        to_tagged.extend_from_slice(b";tag=");
+        to_tagged.extend_from_slice(&cur.to_tag);
+        // Above anything either side sent, and new each round (RFC 3261 §12.2.1.1).
+        let cseq = l.caller_cseq.max(l.callee_cseq) + 1000 + l.pings;
+        let legs = [
+            (
+                &l.callee_contact,
+                l.callee_addr,
+                &l.from_hdr[..],
+                &to_tagged[..],
+            ),
+            (
+                &l.caller_contact,
+                l.caller_addr,
+                &to_tagged[..],
+                &l.from_hdr[..],
+            ),
+        ];
+        for (uri, addr, from, to) in legs {
+            let Some(dest) = addr else { continue };
+            self.send_own(
+                b"OPTIONS",
+                uri,
+                from,
+                to,
+                &cur.call_id,
+                cseq,
+                dest,
+                Some(key.to_vec()),
+                now,
+                out,
+            );
+        }
     }
 
     /// A call is over: out of its profiles, and its CDR.
@@ -480,6 +562,7 @@ impl Proxy {
         call_id: &[u8],
         cseq: u32,
         dest: SocketAddr,
+        ping: Option<Vec<u8>>,
         now: Millis,
         out: &mut O,
     ) {
@@ -496,6 +579,7 @@ impl Proxy {
             Ctx::Own {
                 request: Vec::new(),
                 dest,
+                ping,
             },
         );
         let mut branch = [0u8; 48];
@@ -1091,6 +1175,7 @@ impl Proxy {
             Ctx::Own {
                 request: bytes,
                 dest,
+                ping: None,
             },
         );
         if let Some((_, Ctx::Client(cc))) = self.txns.get_mut(cid) {
@@ -1141,6 +1226,13 @@ impl Proxy {
         for a in acts.iter() {
             match a {
                 Action::SendAck => self.send_ack(id, m, out),
+                // An in-dialog ping answered "no such call" (or timed out, below): the
+                // call is over.
+                Action::Pass(481 | 408) if self.ping_of(id, &ended).is_some() => {
+                    if let Some(k) = self.ping_of(id, &ended) {
+                        self.end_dialog(&k, EndReason::PingTimeout, now, out);
+                    }
+                }
                 Action::Pass(code) => {
                     if let Some((_, Ctx::Client(cc))) = self.txns.get_mut(id) {
                         let (parent, index) = (cc.parent, cc.index);
@@ -1157,6 +1249,17 @@ impl Proxy {
             }
         }
         ResponseFate::Done
+    }
+
+    /// The dialog an in-dialog ping of ours belongs to.
+    fn ping_of(&mut self, id: TxId, ended: &Option<Ctx>) -> Option<Vec<u8>> {
+        match self.txns.get_mut(id) {
+            Some((_, Ctx::Own { ping, .. })) => ping.clone(),
+            _ => match ended {
+                Some(Ctx::Own { ping, .. }) => ping.clone(),
+                _ => None,
+            },
+        }
     }
 
     fn stray(&self) -> ResponseFate {
@@ -1337,13 +1440,16 @@ impl Proxy {
             let Some((&reason, k)) = key.split_first() else {
                 continue;
             };
-            let reason = if reason == ORDER_ADMIN {
-                EndReason::Admin
-            } else {
-                EndReason::Lifetime
-            };
             let k = k.to_vec();
-            self.end_dialog(&k, reason, now, out);
+            match reason {
+                ORDER_PING => self.ping_dialog(&k, now, out),
+                ORDER_ADMIN => {
+                    self.end_dialog(&k, EndReason::Admin, now, out);
+                }
+                _ => {
+                    self.end_dialog(&k, EndReason::Lifetime, now, out);
+                }
+            }
         }
     }
 
@@ -1373,7 +1479,11 @@ impl Proxy {
                     let (d, r) = (cc.dest, cc.request.clone());
                     Self::send(out, Dest::Udp(d), &r);
                 }
-                (Action::SendRequest, Ctx::Own { request, dest }) => {
+                (Action::TimedOut(_), Ctx::Own { ping: Some(k), .. }) => {
+                    let k = k.clone();
+                    self.end_dialog(&k, EndReason::PingTimeout, now, out);
+                }
+                (Action::SendRequest, Ctx::Own { request, dest, .. }) => {
                     let (d, r) = (*dest, request.clone());
                     Self::send(out, Dest::Udp(d), &r);
                 }

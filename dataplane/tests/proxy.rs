@@ -27,6 +27,7 @@ fn proxy_harness() -> (Harness, Arc<ProxyStats>) {
             local: ME.parse().unwrap(),
             record_route: true,
             dialog_lifetime_ms: 43_200_000,
+            dialog_ping_ms: 30_000,
             serial_forking: false,
         },
         Arc::new(Keys::new()),
@@ -421,6 +422,7 @@ fn dialog_harness() -> (
             local: ME.parse().unwrap(),
             record_route: true,
             dialog_lifetime_ms: 43_200_000,
+            dialog_ping_ms: 30_000,
             serial_forking: false,
         },
         Arc::new(Keys::new()),
@@ -646,6 +648,7 @@ fn serial_forking_tries_contacts_by_q_one_set_at_a_time() {
             local: ME.parse().unwrap(),
             record_route: true,
             dialog_lifetime_ms: 43_200_000,
+            dialog_ping_ms: 30_000,
             serial_forking: true,
         },
         Arc::new(Keys::new()),
@@ -705,4 +708,86 @@ fn serial_forking_tries_contacts_by_q_one_set_at_a_time() {
         header(&cancel.1, "Via"),
         header(&b3, "Via").map(|v| v.split(',').next().unwrap())
     );
+}
+
+#[test]
+fn in_dialog_pings_keep_a_live_call_and_end_one_whose_side_is_gone() {
+    use sipmesh_dataplane::stateful::{ORDER_PING, push_end_order};
+    let (mut h, table, mut c, mut orders) = dialog_harness();
+    register_at(&mut h, "bob", "198.51.100.90:5060", "");
+    let callee = udp_source("198.51.100.90:5060");
+    h.send(&invite("pg1", "z9hG4bKp1"));
+    let fwd = sent(&h)[1].1.clone();
+    let ok = answer(&fwd, 200, "OK", "pt").replace(
+        "Content-Length: 0",
+        "Contact: <sip:bob@198.51.100.90:5060>\r\nContent-Length: 0",
+    );
+    h.send_from(&ok, &callee);
+    let mut key = Vec::new();
+    sipmesh_cluster::dialog::dialog_key(b"pg1", b"a1", &mut key);
+    // Not due yet (the harness pings every 30 s): an order does nothing.
+    assert!(push_end_order(&mut orders, ORDER_PING, &key));
+    h.advance(10);
+    assert!(sent(&h).is_empty());
+    // 30 s after the answer: an OPTIONS to each side, in the dialog.
+    h.now += 30_000;
+    assert!(push_end_order(&mut orders, ORDER_PING, &key));
+    assert!(
+        push_end_order(&mut orders, ORDER_PING, &key),
+        "repeated: one round only"
+    );
+    h.advance(10);
+    let s = sent(&h);
+    assert_eq!(s.len(), 2, "{s:?}");
+    let (to_bob, to_alice) = (s[0].1.clone(), s[1].1.clone());
+    assert_eq!(s[0].0, udp("198.51.100.90:5060"));
+    assert!(to_bob.starts_with("OPTIONS sip:bob@198.51.100.90:5060 SIP/2.0\r\n"));
+    assert!(to_bob.contains("\r\nTo: <sip:bob@example.com>;tag=pt\r\n"));
+    assert!(to_bob.contains("\r\nFrom: <sip:alice@example.com>;tag=a1\r\n"));
+    assert_eq!(s[1].0, udp(CALLER));
+    assert!(to_alice.contains("\r\nFrom: <sip:bob@example.com>;tag=pt\r\n"));
+    // Both answer: the call goes on.
+    h.send_from(&answer(&to_bob, 200, "OK", ""), &callee);
+    h.send_from(&answer(&to_alice, 200, "OK", ""), &udp_source(CALLER));
+    assert!(sent(&h).is_empty());
+    assert_eq!(table.len(), 1);
+    // Next round: the caller has forgotten the call (481): it is ended, a BYE to each
+    // side, CDR reason ping-timeout.
+    h.now += 30_000;
+    assert!(push_end_order(&mut orders, ORDER_PING, &key));
+    h.advance(10);
+    let s = sent(&h);
+    let to_alice = s[1].1.clone();
+    h.send_from(&answer(&s[0].1, 200, "OK", ""), &callee);
+    h.send_from(
+        &answer(&to_alice, 481, "Call/Transaction Does Not Exist", ""),
+        &udp_source(CALLER),
+    );
+    let s = sent(&h);
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert!(s.iter().all(|(_, m)| m.starts_with("BYE ")));
+    assert!(table.is_empty());
+    let v = cdrs(&mut c);
+    assert_eq!(v[0]["end_reason"], "ping-timeout");
+    assert_eq!(v[0]["hung_up_by"], "proxy");
+
+    // A side that does not answer at all: timer F (32 s) ends the call.
+    h.send(&invite("pg2", "z9hG4bKp2"));
+    let fwd = sent(&h)[1].1.clone();
+    let ok = answer(&fwd, 200, "OK", "pu").replace(
+        "Content-Length: 0",
+        "Contact: <sip:bob@198.51.100.90:5060>\r\nContent-Length: 0",
+    );
+    h.send_from(&ok, &callee);
+    sipmesh_cluster::dialog::dialog_key(b"pg2", b"a1", &mut key);
+    h.now += 30_000;
+    assert!(push_end_order(&mut orders, ORDER_PING, &key));
+    h.advance(10);
+    let first = sent(&h);
+    h.send_from(&answer(&first[0].1, 200, "OK", ""), &callee);
+    for _ in 0..3300 {
+        h.advance(10);
+    }
+    assert!(table.is_empty());
+    assert_eq!(cdrs(&mut c)[0]["end_reason"], "ping-timeout");
 }

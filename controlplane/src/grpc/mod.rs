@@ -38,7 +38,9 @@ use crate::store::Store;
 use crate::store::persist::{PersistSender, PersistStats, Persister};
 use sipmesh_cluster::dialog::{DialogTable, Profiles};
 use sipmesh_cluster::ownership::Segment;
-use sipmesh_dataplane::stateful::{ORDER_ADMIN, ORDER_LIFETIME, push_end_order};
+use sipmesh_dataplane::stateful::{
+    ORDER_ADMIN, ORDER_LIFETIME, ORDER_PING, ping_rounds_due, push_end_order,
+};
 
 mod keepalive;
 pub(crate) use keepalive::Keepalive;
@@ -116,6 +118,8 @@ pub(crate) struct Shared {
     pub dialog_orders: Arc<std::sync::Mutex<Vec<rtrb::Producer<u8>>>>,
     /// Dialog profiles.
     pub profiles: Option<Arc<Profiles>>,
+    /// In-dialog ping period (0: none).
+    pub dialog_ping_ms: u64,
 }
 
 impl Shared {
@@ -213,6 +217,7 @@ impl ControlPlane {
             keepalive,
             dialogs,
         } = attached;
+        let dialog_ping_ms = config.proxy.dialog_ping_ms;
         let (dialog_table, dialog_orders, profiles) = match dialogs {
             Some(d) => (Some(d.table), d.end_orders, Some(d.profiles)),
             None => (None, Vec::new(), None),
@@ -315,6 +320,7 @@ impl ControlPlane {
                     dialogs: dialog_table,
                     dialog_orders: Arc::new(std::sync::Mutex::new(dialog_orders)),
                     profiles,
+                    dialog_ping_ms,
                 };
                 runtime.block_on(run(
                     mc,
@@ -650,7 +656,7 @@ fn dispatch(
 }
 
 /// Calls past their lifetime limit that this node acts on are handed to a worker to end
-/// (a BYE to each side, the CDR).
+/// (a BYE to each side, the CDR); answered calls due an in-dialog ping round get one.
 fn end_expired_dialogs(shared: &Shared) {
     use sipmesh_cluster::ownership::bucket_of;
     let Some(table) = &shared.dialogs else { return };
@@ -663,7 +669,8 @@ fn end_expired_dialogs(shared: &Shared) {
     }
     let now = wall_ms();
     table.for_each(|key, d| {
-        if d.expires_ms > now {
+        let ping = ping_rounds_due(d.answered_ms, now, shared.dialog_ping_ms) > d.legs.pings;
+        if d.expires_ms > now && !ping {
             return;
         }
         let bucket = bucket_of(&d.call_id);
@@ -675,7 +682,12 @@ fn end_expired_dialogs(shared: &Shared) {
             return;
         }
         // A full ring: the call is still there, and ordered again in a second.
-        let _ = push_end_order(&mut orders[bucket % n], ORDER_LIFETIME, key);
+        let order = if d.expires_ms <= now {
+            ORDER_LIFETIME
+        } else {
+            ORDER_PING
+        };
+        let _ = push_end_order(&mut orders[bucket % n], order, key);
     });
 }
 

@@ -62,6 +62,7 @@ fn main() {
                 callee_addr: Some("203.0.113.9:5090".parse().unwrap()),
                 caller_cseq: 1,
                 callee_cseq: 0,
+                pings: 0,
             },
         };
         table.insert(&key, d);

@@ -54,6 +54,8 @@ pub enum EndReason {
     Lifetime,
     /// An operator ended it (`sipctl dialog end`).
     Admin,
+    /// One side stopped answering in-dialog pings (or answered 481).
+    PingTimeout,
 }
 
 impl EndReason {
@@ -64,6 +66,7 @@ impl EndReason {
             EndReason::Cancelled => out.extend_from_slice(b"cancelled"),
             EndReason::Lifetime => out.extend_from_slice(b"lifetime"),
             EndReason::Admin => out.extend_from_slice(b"admin"),
+            EndReason::PingTimeout => out.extend_from_slice(b"ping-timeout"),
             EndReason::Failed(c) => {
                 out.extend_from_slice(b"failed-");
                 out.extend_from_slice(c.to_string().as_bytes());
@@ -148,6 +151,8 @@ pub struct Legs {
     pub caller_cseq: u32,
     /// Highest CSeq number seen from the callee.
     pub callee_cseq: u32,
+    /// In-dialog ping rounds sent (the proxy's own CSeq numbers go above both sides').
+    pub pings: u32,
 }
 
 impl Dialog {
