@@ -170,6 +170,18 @@ impl Node {
         // workers', drained with theirs.
         let (control_ring, control_consumer) = change_ring(config.change_ring_bytes);
         consumers.push(control_consumer);
+        // Each worker's dialog changes: a ring of their own (replicated like the rest;
+        // after the registrar rings and the control ring, so durability positions stay
+        // the workers').
+        let dialog_changes = Arc::new(Mutex::new(
+            (0..n)
+                .map(|_| {
+                    let (p, c) = change_ring(config.change_ring_bytes);
+                    consumers.push(c);
+                    Some(p)
+                })
+                .collect::<Vec<_>>(),
+        ));
         let producers: Arc<Mutex<Vec<Option<ChangeProducer>>>> = Arc::new(Mutex::new(producers));
         // NAT keepalives: the control plane schedules, each worker sends from its ring.
         let acks = Arc::new(Acks::new(config.nat.max_tracked, {
@@ -244,6 +256,7 @@ impl Node {
             let (dialogs, cdr_tx, dialog_orders) =
                 (dialogs.clone(), cdr_tx.clone(), dialog_orders.clone());
             let profiles = profiles.clone();
+            let dialog_changes = dialog_changes.clone();
             move |i: usize| {
                 // Start-up only: each worker takes its ring's producing half once.
                 let producer = producers
@@ -313,6 +326,11 @@ impl Node {
                                 .expect("one CDR ring per worker"),
                             segment: segment.clone(),
                             profiles: profiles.clone(),
+                            changes: dialog_changes
+                                .lock()
+                                .ok()
+                                .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+                                .expect("one dialog change ring per worker"),
                             orders: dialog_orders
                                 .lock()
                                 .ok()
@@ -333,6 +351,10 @@ impl Node {
             }
         };
         let workers_done = Arc::new(AtomicBool::new(false));
+        // The control plane writes the CDRs of calls other nodes ended and this one acts
+        // on, through a ring of its own.
+        let (cdr_control, cdr_control_rx) = rtrb::RingBuffer::new(CDR_RING_BYTES);
+        cdr_rx.push(cdr_control_rx);
         let cdr = CdrWriter::start(config.cdr.clone(), cdr_rx, workers_done.clone())?;
         // The gRPC listener is bound first, so that a taken port fails the start cleanly.
         let control = ControlPlane::start(
@@ -354,6 +376,7 @@ impl Node {
                     table: dialogs.clone(),
                     end_orders: end_tx,
                     profiles: profiles.clone(),
+                    cdrs: cdr_control,
                 }),
                 keepalive: Some(KeepaliveAttach {
                     orders: order_tx,
@@ -447,6 +470,20 @@ pub fn format_change(rec: &ChangeRecord) -> String {
             s(aor),
             s(contact),
             reason
+        ),
+        Change::DialogUpsert { dialog, .. } | Change::DialogEnd { dialog, .. } => format!(
+            "change origin={} version={} at_ms={} op={} dialog={:016x} state={} call_id={}",
+            rec.origin.0,
+            rec.version,
+            rec.at_ms,
+            if matches!(rec.change, Change::DialogEnd { .. }) {
+                "dialog-end"
+            } else {
+                "dialog"
+            },
+            dialog.id,
+            dialog.state.as_str(),
+            s(&dialog.call_id),
         ),
     }
 }

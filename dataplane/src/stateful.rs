@@ -28,9 +28,11 @@ use crate::registrar::{Lookup, Registrar};
 use crate::txn::table::{BranchId, Keys, TxId, TxTable};
 use crate::txn::{Action, Event, Kind, Reliability, TimerConfig, Transaction};
 use sipmesh_cluster::NodeId;
+use sipmesh_cluster::change::{ChangeRecordRef, ChangeRef, next_version};
 use sipmesh_cluster::dialog::{
-    Dialog, DialogState, DialogTable, EndReason, Legs, Party, Profiles, dialog_key,
+    Dialog, DialogState, DialogTable, EndReason, Legs, Party, Profiles, dialog_key, push_cdr,
 };
+use sipmesh_cluster::ring::ChangeProducer;
 
 /// The URI of the first Contact of `m`.
 fn first_contact<'a>(m: &Message<'a>) -> Option<&'a [u8]> {
@@ -43,22 +45,6 @@ use sipmesh_cluster::ownership::{Segment, bucket_of};
 
 /// The ownership slot of untagged data (dialogs carry no tag yet).
 const DEFAULT_TAG_SLOT: usize = 0;
-
-/// Appends `s` as a JSON string (RFC 8259 §7 escapes; other octets as they are).
-fn json_str(out: &mut Vec<u8>, s: &[u8]) {
-    out.push(b'"');
-    for &b in s {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0..=0x1f | 0x7f => {
-                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
-            }
-            _ => out.push(b),
-        }
-    }
-    out.push(b'"');
-}
 
 /// How the proxy runs.
 #[derive(Debug, Clone)]
@@ -89,6 +75,8 @@ pub struct DialogShare {
     pub segment: Arc<Segment>,
     /// Named counters of live calls.
     pub profiles: Arc<Profiles>,
+    /// This worker's ring of dialog change records (replication).
+    pub changes: ChangeProducer,
     /// Calls to end from the middle (lifetime limit, operator), ordered by the control
     /// plane: frames of a u32 LE length, a reason octet ([`ORDER_LIFETIME`],
     /// [`ORDER_ADMIN`]) and the dialog's key.
@@ -153,6 +141,8 @@ pub struct ProxyStats {
     pub cdrs_dropped: AtomicU64,
     /// Calls whose end another node records (not ours to act on).
     pub cdrs_not_owner: AtomicU64,
+    /// Dialog change records dropped: the ring was full (the peers miss that state).
+    pub dialog_records_dropped: AtomicU64,
 }
 
 /// What a response belongs to, when not to this worker.
@@ -321,6 +311,7 @@ impl Proxy {
             expires_ms: now + self.cfg.dialog_lifetime_ms,
             end: None,
             origin: NodeId(self.node),
+            version: next_version(0, now, self.worker),
             legs: Legs {
                 from_hdr: Box::from(m.header(HeaderName::From).unwrap_or_default()),
                 to_hdr: Box::from(m.header(HeaderName::To).unwrap_or_default()),
@@ -337,10 +328,55 @@ impl Proxy {
         d.profiles.add(&dialog, 1);
         if d.table.insert(&self.dkey, dialog.clone()) {
             self.stats.dialogs_created.fetch_add(1, Relaxed);
+            let key = std::mem::take(&mut self.dkey);
+            self.emit(&key, &dialog, now);
+            self.dkey = key;
         } else {
             d.profiles.add(&dialog, -1);
         }
         Some(self.dkey.clone())
+    }
+
+    /// Atomic change of the dialog of `key` (`f` returns the new state, or `None` to
+    /// leave it): a new version, and a change record for the peers.
+    fn mutate(
+        &mut self,
+        key: &[u8],
+        now: Millis,
+        mut f: impl FnMut(&Dialog) -> Option<Dialog>,
+    ) -> Option<Dialog> {
+        let worker = self.worker;
+        let d = self.dialogs.as_ref()?;
+        let n = d.table.update(key, |cur| {
+            f(cur).map(|mut n| {
+                n.version = next_version(cur.version, now, worker);
+                n
+            })
+        })?;
+        self.emit(key, &n, now);
+        Some(n)
+    }
+
+    /// The change record of a dialog's new state (an end when terminated), into this
+    /// worker's dialog ring: replicated to the peers like the registrar's.
+    fn emit(&mut self, key: &[u8], d: &Dialog, now: Millis) {
+        let Some(share) = self.dialogs.as_mut() else {
+            return;
+        };
+        let change = if d.state == DialogState::Terminated {
+            ChangeRef::DialogEnd { key, dialog: d }
+        } else {
+            ChangeRef::DialogUpsert { key, dialog: d }
+        };
+        let rec = ChangeRecordRef {
+            origin: NodeId(self.node),
+            version: d.version,
+            at_ms: now,
+            change,
+        };
+        if share.changes.push(&rec).is_err() {
+            self.stats.dialog_records_dropped.fetch_add(1, Relaxed);
+        }
     }
 
     /// The INVITE of dialog `key` got a response `code` with the callee's tag `to_tag`
@@ -356,10 +392,7 @@ impl Proxy {
         ours: bool,
         now: Millis,
     ) {
-        let Some(d) = self.dialogs.as_ref() else {
-            return;
-        };
-        let ended = d.table.update(key, |cur| {
+        let ended = self.mutate(key, now, |cur| {
             let mut n = cur.clone();
             match (code, cur.state) {
                 (_, DialogState::Confirmed) => return None,
@@ -399,13 +432,14 @@ impl Proxy {
 
     /// An in-dialog request: the highest CSeq of its sender (a BYE the proxy sends later
     /// must be numbered above it, RFC 3261 §12.2.1.1).
-    fn dialog_cseq(&mut self, c: &Checked<'_>) {
-        let Some(d) = self.dialogs.as_ref() else {
+    fn dialog_cseq(&mut self, c: &Checked<'_>, now: Millis) {
+        if self.dialogs.is_none() {
             return;
-        };
+        }
         let seq = c.cseq.seq;
-        dialog_key(c.call_id, c.from.tag().unwrap_or_default(), &mut self.dkey);
-        let caller = d.table.update(&self.dkey, |cur| {
+        let mut key = std::mem::take(&mut self.dkey);
+        dialog_key(c.call_id, c.from.tag().unwrap_or_default(), &mut key);
+        let caller = self.mutate(&key, now, |cur| {
             (seq > cur.legs.caller_cseq).then(|| {
                 let mut n = cur.clone();
                 n.legs.caller_cseq = seq;
@@ -413,8 +447,8 @@ impl Proxy {
             })
         });
         if caller.is_none() {
-            dialog_key(c.call_id, c.to.tag().unwrap_or_default(), &mut self.dkey);
-            d.table.update(&self.dkey, |cur| {
+            dialog_key(c.call_id, c.to.tag().unwrap_or_default(), &mut key);
+            self.mutate(&key, now, |cur| {
                 (seq > cur.legs.callee_cseq).then(|| {
                     let mut n = cur.clone();
                     n.legs.callee_cseq = seq;
@@ -422,6 +456,7 @@ impl Proxy {
                 })
             });
         }
+        self.dkey = key;
     }
 
     /// Ends the call of `key` from the middle (its lifetime ran out, or an operator asked):
@@ -434,10 +469,7 @@ impl Proxy {
         now: Millis,
         out: &mut O,
     ) -> bool {
-        let Some(d) = self.dialogs.as_ref() else {
-            return false;
-        };
-        let Some(ended) = d.table.update(key, |cur| {
+        let Some(ended) = self.mutate(key, now, |cur| {
             let mut n = cur.clone();
             n.state = DialogState::Terminated;
             n.ended_ms = now;
@@ -492,11 +524,8 @@ impl Proxy {
     /// an order repeated for the same round does nothing); a side that answers 481, or
     /// not at all, ends the call.
     fn ping_dialog<O: Outbox>(&mut self, key: &[u8], now: Millis, out: &mut O) {
-        let Some(d) = self.dialogs.as_ref() else {
-            return;
-        };
         let interval = self.cfg.dialog_ping_ms;
-        let Some(cur) = d.table.update(key, |cur| {
+        let Some(cur) = self.mutate(key, now, |cur| {
             let due = ping_rounds_due(cur.answered_ms, now, interval);
             (cur.state == DialogState::Confirmed && due > cur.legs.pings).then(|| {
                 let mut n = cur.clone();
@@ -621,9 +650,9 @@ impl Proxy {
 
     /// An in-dialog BYE: the call ends, hung up by whoever sent it.
     fn dialog_bye(&mut self, c: &Checked<'_>, now: Millis) {
-        let Some(d) = self.dialogs.as_ref() else {
+        if self.dialogs.is_none() {
             return;
-        };
+        }
         let (from_tag, to_tag) = (
             c.from.tag().unwrap_or_default(),
             c.to.tag().unwrap_or_default(),
@@ -637,12 +666,14 @@ impl Proxy {
                 Some(n)
             }
         };
-        dialog_key(c.call_id, from_tag, &mut self.dkey);
-        let mut ended = d.table.update(&self.dkey, bye(Party::Caller));
+        let mut key = std::mem::take(&mut self.dkey);
+        dialog_key(c.call_id, from_tag, &mut key);
+        let mut ended = self.mutate(&key, now, bye(Party::Caller));
         if ended.is_none() {
-            dialog_key(c.call_id, to_tag, &mut self.dkey);
-            ended = d.table.update(&self.dkey, bye(Party::Callee));
+            dialog_key(c.call_id, to_tag, &mut key);
+            ended = self.mutate(&key, now, bye(Party::Callee));
         }
+        self.dkey = key;
         if let Some(e) = ended {
             self.dialog_ended(&e, now);
         }
@@ -662,51 +693,11 @@ impl Proxy {
             self.stats.cdrs_not_owner.fetch_add(1, Relaxed);
             return;
         }
-        let c = &mut self.cdr;
-        c.clear();
-        c.extend_from_slice(format!("{{\"dialog_id\":\"{:016x}\",\"caller\":", d.id).as_bytes());
-        json_str(c, &d.caller);
-        c.extend_from_slice(b",\"callee\":");
-        json_str(c, &d.callee);
-        c.extend_from_slice(b",\"call_id\":");
-        json_str(c, &d.call_id);
-        let (reason, by) = d.end.unwrap_or((EndReason::Bye, Party::Proxy));
-        c.extend_from_slice(
-            format!(
-                ",\"setup_ms\":{},\"answer_ms\":{},\"end_ms\":{},\"duration_ms\":{},\"end_reason\":\"",
-                d.created_ms,
-                d.answered_ms,
-                d.ended_ms,
-                d.duration_ms()
-            )
-            .as_bytes(),
-        );
-        reason.write(c);
-        c.extend_from_slice(
-            format!(
-                "\",\"hung_up_by\":\"{}\",\"node\":{}}}\n",
-                by.as_str(),
-                self.node
-            )
-            .as_bytes(),
-        );
-        let len = (c.len() as u32).to_le_bytes();
-        match share.cdrs.write_chunk(4 + c.len()) {
-            Ok(mut chunk) => {
-                let (a, b) = chunk.as_mut_slices();
-                for (x, v) in a
-                    .iter_mut()
-                    .chain(b.iter_mut())
-                    .zip(len.iter().chain(c.iter()))
-                {
-                    *x = *v;
-                }
-                chunk.commit_all();
-                self.stats.cdrs.fetch_add(1, Relaxed);
-            }
-            Err(_) => {
-                self.stats.cdrs_dropped.fetch_add(1, Relaxed);
-            }
+        d.cdr_line(self.node, &mut self.cdr);
+        if push_cdr(&mut share.cdrs, &self.cdr) {
+            self.stats.cdrs.fetch_add(1, Relaxed);
+        } else {
+            self.stats.cdrs_dropped.fetch_add(1, Relaxed);
         }
     }
 
@@ -960,7 +951,7 @@ impl Proxy {
         if method == Method::Bye && in_dialog {
             self.dialog_bye(c, now);
         } else if in_dialog && method != Method::Ack {
-            self.dialog_cseq(c);
+            self.dialog_cseq(c, now);
         }
         // Serial forking: the targets of the highest q first (RFC 3261 §16.6).
         let first_group = if self.cfg.serial_forking {

@@ -405,12 +405,14 @@ fn dialog_harness() -> (
     Arc<sipmesh_cluster::dialog::DialogTable>,
     rtrb::Consumer<u8>,
     rtrb::Producer<u8>,
+    sipmesh_cluster::ring::ChangeConsumer,
 ) {
     use sipmesh_cluster::ownership::{Ownership, Segment};
     let (mut h, _) = proxy_harness();
     let table = Arc::new(sipmesh_cluster::dialog::DialogTable::new(16));
     let (p, c) = rtrb::RingBuffer::new(1 << 16);
     let (op, oc) = rtrb::RingBuffer::new(1 << 16);
+    let (rp, rc) = sipmesh_cluster::ring::change_ring(1 << 20);
     let segment = Arc::new(Segment::anonymous(7).unwrap());
     let mut o = Ownership::default();
     o.set_tag(0, true, 1);
@@ -436,6 +438,7 @@ fn dialog_harness() -> (
         cdrs: p,
         segment,
         orders: oc,
+        changes: rp,
         profiles: Arc::new(sipmesh_cluster::dialog::Profiles::new(vec![
             ("calls".into(), sipmesh_cluster::dialog::ProfileKey::None),
             (
@@ -445,7 +448,7 @@ fn dialog_harness() -> (
         ])),
     });
     h.core = core.with_proxy(proxy);
-    (h, table, c, op)
+    (h, table, c, op, rc)
 }
 
 fn cdrs(c: &mut rtrb::Consumer<u8>) -> Vec<serde_json::Value> {
@@ -470,7 +473,7 @@ fn cdrs(c: &mut rtrb::Consumer<u8>) -> Vec<serde_json::Value> {
 #[test]
 fn a_call_is_tracked_as_a_dialog_through_its_states_and_ends_in_a_cdr() {
     use sipmesh_cluster::dialog::DialogState;
-    let (mut h, table, mut c, _) = dialog_harness();
+    let (mut h, table, mut c, _, _) = dialog_harness();
     register_at(&mut h, "bob", "198.51.100.70:5060", "");
     let t0 = h.now;
     h.send(&invite("d1", "z9hG4bKd1"));
@@ -520,7 +523,7 @@ fn a_call_is_tracked_as_a_dialog_through_its_states_and_ends_in_a_cdr() {
 
 #[test]
 fn failed_cancelled_and_timed_out_calls_have_their_cdr_too() {
-    let (mut h, table, mut c, _) = dialog_harness();
+    let (mut h, table, mut c, _, _) = dialog_harness();
     register_at(&mut h, "bob", "198.51.100.71:5060", "");
     let callee = udp_source("198.51.100.71:5060");
     // Busy.
@@ -571,7 +574,7 @@ fn failed_cancelled_and_timed_out_calls_have_their_cdr_too() {
 #[test]
 fn a_call_past_its_lifetime_is_ended_with_a_bye_to_each_side() {
     use sipmesh_dataplane::stateful::{ORDER_LIFETIME, push_end_order};
-    let (mut h, table, mut c, mut orders) = dialog_harness();
+    let (mut h, table, mut c, mut orders, _) = dialog_harness();
     register_at(&mut h, "bob", "198.51.100.72:5060", "");
     let callee = udp_source("198.51.100.72:5060");
     h.send(&invite("lt1", "z9hG4bKl1"));
@@ -713,7 +716,7 @@ fn serial_forking_tries_contacts_by_q_one_set_at_a_time() {
 #[test]
 fn in_dialog_pings_keep_a_live_call_and_end_one_whose_side_is_gone() {
     use sipmesh_dataplane::stateful::{ORDER_PING, push_end_order};
-    let (mut h, table, mut c, mut orders) = dialog_harness();
+    let (mut h, table, mut c, mut orders, _) = dialog_harness();
     register_at(&mut h, "bob", "198.51.100.90:5060", "");
     let callee = udp_source("198.51.100.90:5060");
     h.send(&invite("pg1", "z9hG4bKp1"));
@@ -790,4 +793,55 @@ fn in_dialog_pings_keep_a_live_call_and_end_one_whose_side_is_gone() {
     }
     assert!(table.is_empty());
     assert_eq!(cdrs(&mut c)[0]["end_reason"], "ping-timeout");
+}
+
+#[test]
+fn every_dialog_change_is_a_versioned_record_for_the_peers() {
+    use sipmesh_cluster::change::Change;
+    let (mut h, _table, _c, _o, mut records) = dialog_harness();
+    register_at(&mut h, "bob", "198.51.100.95:5060", "");
+    let callee = udp_source("198.51.100.95:5060");
+    h.send(&invite("rp1", "z9hG4bKr9"));
+    let fwd = sent(&h)[1].1.clone();
+    h.send_from(&answer(&fwd, 180, "Ringing", "rt"), &callee);
+    h.send_from(&answer(&fwd, 200, "OK", "rt"), &callee);
+    let bye = format!(
+        "BYE sip:bob@198.51.100.95:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {CALLER};branch=z9hG4bKbb\r\n\
+         Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\n\
+         To: <sip:bob@example.com>;tag=rt\r\nCall-ID: rp1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    );
+    h.send(&bye);
+    let mut seen = Vec::new();
+    records.drain(|r| seen.push(r));
+    let states: Vec<(String, &'static str)> = seen
+        .iter()
+        .map(|r| match &r.change {
+            Change::DialogUpsert { dialog, .. } => ("upsert".to_string(), dialog.state.as_str()),
+            Change::DialogEnd { dialog, .. } => ("end".to_string(), dialog.state.as_str()),
+            _ => ("binding".to_string(), ""),
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("upsert".into(), "unconfirmed"),
+            ("upsert".into(), "early"),
+            ("upsert".into(), "confirmed"),
+            ("end".into(), "terminated"),
+        ]
+    );
+    assert!(
+        seen.windows(2).all(|w| w[1].version > w[0].version),
+        "versions grow"
+    );
+    assert!(seen.iter().all(|r| r.origin.0 == 7));
+    let Change::DialogEnd { key, dialog } = &seen[3].change else {
+        panic!()
+    };
+    assert_eq!(&**key, b"rp1\0a1");
+    assert_eq!(dialog.version, seen[3].version);
+    assert_eq!(
+        dialog.end.map(|e| e.0),
+        Some(sipmesh_cluster::dialog::EndReason::Bye)
+    );
 }

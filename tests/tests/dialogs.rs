@@ -188,3 +188,116 @@ fn an_operator_and_the_lifetime_limit_end_calls_with_a_bye_to_each_side() {
         "ended {dur} ms after the answer"
     );
 }
+
+fn lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
+#[test]
+fn dialogs_replicate_and_a_peer_ends_a_call_after_its_node_died() {
+    let n1 = Sipd::start(TEST_CONFIG, &["--node-id", "1"]);
+    let j1 = n1.grpc.to_string();
+    let mut n2 = Sipd::start(TEST_CONFIG, &["--node-id", "2", "--join", &j1]);
+    assert!(
+        wait_for(Duration::from_secs(15), || (n2.usrloc_status()["state"]
+            == "synced")
+            .then_some(()))
+        .is_some()
+    );
+    let (alice, bob) = (Phone::new(), Phone::new());
+    let reg = register(
+        bob.addr,
+        "UDP",
+        "bob",
+        "bob-reg",
+        1,
+        &[&format!("Contact: <sip:bob@{}>", bob.addr), "Expires: 3600"],
+    );
+    bob.send(n1.addr, &reg);
+    bob.expect("SIP/2.0 200");
+
+    // A call through node 1 ends with a BYE: node 2 saw it come and go, and exactly one
+    // node wrote its CDR (the one acting on its bucket).
+    let call_id = call(&n1, &alice, &bob, 1);
+    let seen = wait_for(Duration::from_secs(5), || {
+        let d = n2.sipctl_json(&["dialog", "list"]);
+        (d["total"] == 1 && d["dialogs"][0]["state"] == "confirmed").then_some(d)
+    })
+    .expect("node 2 holds the replicated dialog");
+    assert_eq!(seen["dialogs"][0]["call_id"], call_id.as_str());
+    assert_eq!(seen["dialogs"][0]["origin"], 1);
+    assert_eq!(n2.sipctl_json(&["profile", "get", "calls"])["total"], 1);
+    let bye = format!(
+        "BYE sip:bob@{b} SIP/2.0\r\nVia: SIP/2.0/UDP {a};rport;branch=z9hG4bKbye1\r\n\
+         Route: <sip:{p};lr>\r\nMax-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=al1\r\n\
+         To: <sip:bob@example.com>;tag=bo1\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        a = alice.addr,
+        b = bob.addr,
+        p = n1.addr
+    );
+    alice.send(n1.addr, &bye);
+    let fbye = bob.expect("BYE ");
+    bob.send(n1.addr, &answer(&fbye, "200 OK", "", None));
+    alice.expect("SIP/2.0 200");
+    assert!(
+        wait_for(Duration::from_secs(5), || (n2
+            .sipctl_json(&["dialog", "list"])["total"]
+            == 0)
+            .then_some(()))
+        .is_some(),
+        "the end is replicated"
+    );
+    assert_eq!(n2.sipctl_json(&["profile", "get", "calls"])["total"], 0);
+    assert!(
+        wait_for(Duration::from_secs(5), || (lines(&n1.cdr_file)
+            + lines(&n2.cdr_file)
+            == 1)
+            .then_some(()))
+        .is_some()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        lines(&n1.cdr_file) + lines(&n2.cdr_file),
+        1,
+        "one CDR, not two"
+    );
+
+    // Another call through node 1; node 1 dies; node 2 ends the call from its replica:
+    // a BYE to each phone from node 2, and the CDR there.
+    let call_id = call(&n1, &alice, &bob, 2);
+    let id = wait_for(Duration::from_secs(5), || {
+        let d = n2.sipctl_json(&["dialog", "list"]);
+        (d["total"] == 1 && d["dialogs"][0]["state"] == "confirmed")
+            .then(|| d["dialogs"][0]["id"].as_str().unwrap().to_string())
+    })
+    .expect("replicated");
+    let mut n1 = n1;
+    n1.kill9();
+    assert!(
+        wait_for(Duration::from_secs(5), || (n2.sipctl_json(&["ownership"])
+            ["buckets_mine"]
+            == 1024)
+            .then_some(()))
+        .is_some(),
+        "node 2 acts on everything once node 1 is gone"
+    );
+    let before = lines(&n2.cdr_file);
+    n2.sipctl(&["dialog", "end", &id]).unwrap();
+    let mut buf = [0u8; 65_535];
+    for phone in [&bob, &alice] {
+        let (k, from) = phone.sock.recv_from(&mut buf).expect("a BYE from node 2");
+        let m = String::from_utf8_lossy(&buf[..k]);
+        assert!(m.starts_with("BYE "), "{m}");
+        assert!(m.contains(&format!("Call-ID: {call_id}")));
+        assert_eq!(from, n2.addr, "sent by the surviving node");
+    }
+    let v = wait_for(Duration::from_secs(5), || {
+        (lines(&n2.cdr_file) > before).then(|| std::fs::read_to_string(&n2.cdr_file).unwrap())
+    })
+    .expect("node 2 wrote the CDR");
+    let last: serde_json::Value = serde_json::from_str(v.lines().last().unwrap()).unwrap();
+    assert_eq!(last["call_id"], call_id.as_str());
+    assert_eq!(last["end_reason"], "admin");
+    assert_eq!(last["node"], 2);
+    assert!(n2.alive());
+}

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use sipmesh_cluster::change::{ChangeRecord, ChangeRef};
+use sipmesh_cluster::change::{Change, ChangeRecord, ChangeRef};
 use sipmesh_cluster::ring::{ChangeConsumer, ChangeProducer};
 use sipmesh_cluster::usrloc::{Applied, Usrloc};
 use sipmesh_cluster::{Digest, NodeId};
@@ -120,6 +120,8 @@ pub(crate) struct Shared {
     pub profiles: Option<Arc<Profiles>>,
     /// In-dialog ping period (0: none).
     pub dialog_ping_ms: u64,
+    /// The CDR writer's ring for calls other nodes ended.
+    pub cdrs: Option<Arc<std::sync::Mutex<rtrb::Producer<u8>>>>,
 }
 
 impl Shared {
@@ -186,6 +188,8 @@ pub struct DialogAttach {
     pub end_orders: Vec<rtrb::Producer<u8>>,
     /// Dialog profiles.
     pub profiles: Arc<Profiles>,
+    /// The CDR writer's ring for calls other nodes ended.
+    pub cdrs: rtrb::Producer<u8>,
 }
 
 /// The running control plane.
@@ -218,9 +222,14 @@ impl ControlPlane {
             dialogs,
         } = attached;
         let dialog_ping_ms = config.proxy.dialog_ping_ms;
-        let (dialog_table, dialog_orders, profiles) = match dialogs {
-            Some(d) => (Some(d.table), d.end_orders, Some(d.profiles)),
-            None => (None, Vec::new(), None),
+        let (dialog_table, dialog_orders, profiles, cdrs) = match dialogs {
+            Some(d) => (
+                Some(d.table),
+                d.end_orders,
+                Some(d.profiles),
+                Some(Arc::new(std::sync::Mutex::new(d.cdrs))),
+            ),
+            None => (None, Vec::new(), None, None),
         };
         let control_ring = Arc::new(std::sync::Mutex::new(control_ring));
         let sweep = (
@@ -321,6 +330,7 @@ impl ControlPlane {
                     dialog_orders: Arc::new(std::sync::Mutex::new(dialog_orders)),
                     profiles,
                     dialog_ping_ms,
+                    cdrs,
                 };
                 runtime.block_on(run(
                     mc,
@@ -780,6 +790,7 @@ fn apply_batch(
             for f in convert::frames(&batch.records).skip(skip as usize) {
                 match ChangeRecord::decode_from_slice(f) {
                     Ok((rec, _)) => {
+                        apply_dialog(shared, &rec);
                         if shared.usrloc.apply_remote(&rec) != Applied::Kept
                             && shared.persist.is_some()
                         {
@@ -805,6 +816,46 @@ fn apply_batch(
                 p.applied(applied.freeze());
             }
         }
+    }
+}
+
+/// A peer's dialog record: into the dialog table (newest version wins). A call that
+/// ended elsewhere leaves the table, out of its profiles; its CDR is written here when
+/// this node acts on the dialog at its end (then the node that ended it did not).
+fn apply_dialog(shared: &Shared, rec: &ChangeRecord) {
+    use sipmesh_cluster::ownership::bucket_of;
+    let (key, d, ended) = match &rec.change {
+        Change::DialogUpsert { key, dialog } => (key, dialog, false),
+        Change::DialogEnd { key, dialog } => (key, dialog, true),
+        _ => return,
+    };
+    let Some(table) = &shared.dialogs else { return };
+    let was = table.get(key);
+    if !table.apply_remote(key, d, ended) {
+        return;
+    }
+    if let Some(p) = &shared.profiles {
+        match (&was, ended) {
+            (None, false) => p.add(d, 1),
+            (Some(w), true) => p.add(w, -1),
+            _ => {}
+        }
+    }
+    if ended
+        && shared
+            .segment
+            .acts_on_at(
+                crate::mesh::tags::DEFAULT_TAG_SLOT,
+                bucket_of(&d.call_id),
+                d.ended_ms,
+            )
+            .0
+        && let Some(c) = &shared.cdrs
+        && let Ok(mut ring) = c.lock()
+    {
+        let mut line = Vec::with_capacity(512);
+        d.cdr_line(shared.me.0, &mut line);
+        let _ = sipmesh_cluster::dialog::push_cdr(&mut ring, &line);
     }
 }
 
@@ -943,7 +994,9 @@ fn apply_snapshot_chunk(
         let (rec, _) = ChangeRecord::decode_from_slice(f).map_err(|e| format!("record: {e}"))?;
         match rec.change.as_ref() {
             ChangeRef::BindingUpsert { aor, binding } => d.add(aor, binding),
-            ChangeRef::BindingRemove { .. } => return Err("a snapshot holds only bindings".into()),
+            ChangeRef::BindingRemove { .. }
+            | ChangeRef::DialogUpsert { .. }
+            | ChangeRef::DialogEnd { .. } => return Err("a snapshot holds only bindings".into()),
         }
         if usrloc.apply_remote(&rec) != Applied::Kept && persist.is_some() {
             applied.put_u32_le(f.len() as u32);

@@ -178,20 +178,22 @@ fn decode_binding_body(v: &[u8]) -> Result<Binding, StoreError> {
     Ok(b)
 }
 
-/// The row a change record touches: (AoR, key).
-pub fn record_key(rec: &ChangeRecord) -> (&[u8], Vec<u8>) {
+/// The contact row a change record touches: (AoR, key); `None` for a dialog record
+/// (dialogs are not stored yet).
+pub fn record_key(rec: &ChangeRecord) -> Option<(&[u8], Vec<u8>)> {
     match &rec.change {
-        Change::BindingUpsert { aor, binding } => (
+        Change::BindingUpsert { aor, binding } => Some((
             aor,
             contact_key(aor, binding.contact(), binding.instance(), binding.reg_id),
-        ),
+        )),
         Change::BindingRemove {
             aor,
             contact,
             instance,
             reg_id,
             ..
-        } => (aor, contact_key(aor, contact, instance, *reg_id)),
+        } => Some((aor, contact_key(aor, contact, instance, *reg_id))),
+        Change::DialogUpsert { .. } | Change::DialogEnd { .. } => None,
     }
 }
 

@@ -294,7 +294,9 @@ fn add_rows(
         let Ok((rec, _)) = ChangeRecord::decode_from_slice(f) else {
             continue;
         };
-        let (aor, key) = record_key(&rec);
+        let Some((aor, key)) = record_key(&rec) else {
+            continue;
+        };
         let (contact, instance, reg_id) = match &rec.change {
             sipmesh_cluster::Change::BindingUpsert { binding, .. } => {
                 (binding.contact(), binding.instance(), binding.reg_id)
@@ -305,6 +307,8 @@ fn add_rows(
                 reg_id,
                 ..
             } => (&contact[..], &instance[..], *reg_id),
+            sipmesh_cluster::Change::DialogUpsert { .. }
+            | sipmesh_cluster::Change::DialogEnd { .. } => continue,
         };
         let now_value = usrloc.read(aor, |r| {
             r.and_then(|r| {

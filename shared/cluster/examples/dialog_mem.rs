@@ -53,6 +53,7 @@ fn main() {
             expires_ms: 1_800_043_200_000,
             end: None,
             origin: NodeId(1),
+            version: 1,
             legs: Legs {
                 from_hdr: b(format!("<sip:caller{i:06}@example.com>;tag={from_tag}")),
                 to_hdr: b(format!("<sip:bob{i:06}@example.com>")),

@@ -82,6 +82,8 @@ impl Usrloc {
                 reg_id,
                 ..
             } => self.apply_remove(aor, contact, instance, *reg_id, rec.version),
+            // Dialogs live in the dialog table ([`crate::dialog::DialogTable::apply_remote`]).
+            Change::DialogUpsert { .. } | Change::DialogEnd { .. } => Applied::Kept,
         }
     }
 
@@ -97,6 +99,7 @@ impl Usrloc {
                 reg_id,
                 ..
             } => self.apply_remove(aor, contact, instance, reg_id, rec.version),
+            ChangeRef::DialogUpsert { .. } | ChangeRef::DialogEnd { .. } => Applied::Kept,
         }
     }
 

@@ -11,6 +11,7 @@
 use bincode::de::{Decode, Decoder};
 use bincode::error::{DecodeError, EncodeError};
 
+use crate::dialog::Dialog;
 use crate::usrloc::{Binding, MAX_FIELD_LEN, decode_bytes_into};
 use crate::{BINCODE_CONFIG, NodeId};
 
@@ -52,6 +53,20 @@ pub enum Change {
         /// Why.
         reason: RemoveReason,
     },
+    /// A call's dialog was created or changed (the full new state).
+    DialogUpsert {
+        /// Dialog key (Call-ID, a zero octet, the caller's tag).
+        key: Box<[u8]>,
+        /// The dialog as stored.
+        dialog: Dialog,
+    },
+    /// A call ended (its final state, for the CDR); the dialog leaves the table.
+    DialogEnd {
+        /// Dialog key.
+        key: Box<[u8]>,
+        /// The final state.
+        dialog: Dialog,
+    },
 }
 
 fn decode_box<D: Decoder>(d: &mut D) -> Result<Box<[u8]>, DecodeError> {
@@ -75,9 +90,17 @@ impl<Ctx> Decode<Ctx> for Change {
                 reg_id: u32::decode(d)?,
                 reason: RemoveReason::decode(d)?,
             }),
+            2 => Ok(Change::DialogUpsert {
+                key: decode_box(d)?,
+                dialog: Dialog::decode(d)?,
+            }),
+            3 => Ok(Change::DialogEnd {
+                key: decode_box(d)?,
+                dialog: Dialog::decode(d)?,
+            }),
             found => Err(DecodeError::UnexpectedVariant {
                 type_name: "Change",
-                allowed: &bincode::error::AllowedEnumVariants::Range { min: 0, max: 1 },
+                allowed: &bincode::error::AllowedEnumVariants::Range { min: 0, max: 3 },
                 found,
             }),
         }
@@ -87,10 +110,11 @@ impl<Ctx> Decode<Ctx> for Change {
 bincode::impl_borrow_decode!(Change);
 
 impl Change {
-    /// The AoR this change is about.
+    /// The object this change is about: the AoR of a binding, the key of a dialog.
     pub fn aor(&self) -> &[u8] {
         match self {
             Change::BindingUpsert { aor, .. } | Change::BindingRemove { aor, .. } => aor,
+            Change::DialogUpsert { key, .. } | Change::DialogEnd { key, .. } => key,
         }
     }
 
@@ -111,6 +135,8 @@ impl Change {
                 reg_id: *reg_id,
                 reason: *reason,
             },
+            Change::DialogUpsert { key, dialog } => ChangeRef::DialogUpsert { key, dialog },
+            Change::DialogEnd { key, dialog } => ChangeRef::DialogEnd { key, dialog },
         }
     }
 }
@@ -173,6 +199,20 @@ pub enum ChangeRef<'a> {
         /// Why.
         reason: RemoveReason,
     },
+    /// See [`Change::DialogUpsert`].
+    DialogUpsert {
+        /// Dialog key.
+        key: &'a [u8],
+        /// The dialog.
+        dialog: &'a Dialog,
+    },
+    /// See [`Change::DialogEnd`].
+    DialogEnd {
+        /// Dialog key.
+        key: &'a [u8],
+        /// The final state.
+        dialog: &'a Dialog,
+    },
 }
 
 impl ChangeRef<'_> {
@@ -195,6 +235,14 @@ impl ChangeRef<'_> {
                 instance: instance.into(),
                 reg_id,
                 reason,
+            },
+            ChangeRef::DialogUpsert { key, dialog } => Change::DialogUpsert {
+                key: key.into(),
+                dialog: dialog.clone(),
+            },
+            ChangeRef::DialogEnd { key, dialog } => Change::DialogEnd {
+                key: key.into(),
+                dialog: dialog.clone(),
             },
         }
     }
@@ -315,6 +363,35 @@ mod tests {
                     instance: Box::default(),
                     reg_id: 0,
                     reason: RemoveReason::Expired,
+                },
+            },
+            ChangeRecord {
+                origin: NodeId(2),
+                version: 77,
+                at_ms: 1_800_000_000_000,
+                change: Change::DialogUpsert {
+                    key: (*b"c1\0f1").into(),
+                    dialog: crate::dialog::sample_dialog(),
+                },
+            },
+            ChangeRecord {
+                origin: NodeId(2),
+                version: 78,
+                at_ms: 1_800_000_000_001,
+                change: Change::DialogEnd {
+                    key: (*b"c1\0f1").into(),
+                    dialog: crate::dialog::Dialog {
+                        state: crate::dialog::DialogState::Terminated,
+                        end: Some((
+                            crate::dialog::EndReason::Failed(486),
+                            crate::dialog::Party::Callee,
+                        )),
+                        legs: crate::dialog::Legs {
+                            caller_addr: Some("[2001:db8::1]:5060".parse().unwrap()),
+                            ..crate::dialog::sample_dialog().legs
+                        },
+                        ..crate::dialog::sample_dialog()
+                    },
                 },
             },
         ]

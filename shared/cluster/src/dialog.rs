@@ -12,9 +12,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bincode::de::{Decode, Decoder};
+use bincode::enc::{Encode, Encoder};
+use bincode::error::{DecodeError, EncodeError};
 use papaya::{Compute, Operation};
 
 use crate::NodeId;
+use crate::usrloc::{MAX_FIELD_LEN, decode_bytes_into};
 
 /// Where a call is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,7 +134,176 @@ pub struct Dialog {
     pub origin: NodeId,
     /// What ending the call from the middle needs (a BYE to each side).
     pub legs: Legs,
+    /// Version of this state (see [`crate::next_version`]): replicas keep the newest.
+    pub version: u64,
 }
+
+fn enc_state(s: DialogState) -> u8 {
+    match s {
+        DialogState::Unconfirmed => 0,
+        DialogState::Early => 1,
+        DialogState::Confirmed => 2,
+        DialogState::Terminated => 3,
+    }
+}
+
+fn enc_end(e: Option<(EndReason, Party)>) -> (u8, u16, u8) {
+    let Some((r, p)) = e else { return (0, 0, 0) };
+    let (k, c) = match r {
+        EndReason::Bye => (1, 0),
+        EndReason::Cancelled => (2, 0),
+        EndReason::Failed(c) => (3, c),
+        EndReason::Lifetime => (4, 0),
+        EndReason::Admin => (5, 0),
+        EndReason::PingTimeout => (6, 0),
+    };
+    let p = match p {
+        Party::Caller => 0,
+        Party::Callee => 1,
+        Party::Proxy => 2,
+    };
+    (k, c, p)
+}
+
+fn enc_addr(a: Option<std::net::SocketAddr>) -> (u8, [u8; 16], u16) {
+    match a {
+        None => (0, [0; 16], 0),
+        Some(std::net::SocketAddr::V4(v)) => (4, v.ip().to_ipv6_mapped().octets(), v.port()),
+        Some(std::net::SocketAddr::V6(v)) => (6, v.ip().octets(), v.port()),
+    }
+}
+
+fn dec_addr(fam: u8, o: [u8; 16], port: u16) -> Result<Option<std::net::SocketAddr>, DecodeError> {
+    let v6 = std::net::Ipv6Addr::from(o);
+    match fam {
+        0 => Ok(None),
+        4 => Ok(Some(std::net::SocketAddr::new(
+            std::net::IpAddr::V4(
+                v6.to_ipv4_mapped()
+                    .ok_or(DecodeError::Other("bad IPv4 address"))?,
+            ),
+            port,
+        ))),
+        6 => Ok(Some(std::net::SocketAddr::new(
+            std::net::IpAddr::V6(v6),
+            port,
+        ))),
+        _ => Err(DecodeError::Other("bad address family in dialog")),
+    }
+}
+
+// Wire form (bincode 2): id, state, byte strings (call_id, from_tag, to_tag, caller,
+// callee, from_hdr, to_hdr, caller_contact, callee_contact), early_tags, times, end
+// (kind, code, party), origin, both addresses (family, 16 octets, port), CSeqs, pings,
+// version. Byte strings are bounded on decode.
+impl Encode for Dialog {
+    fn encode<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
+        self.id.encode(e)?;
+        enc_state(self.state).encode(e)?;
+        for s in [
+            &self.call_id,
+            &self.from_tag,
+            &self.to_tag,
+            &self.caller,
+            &self.callee,
+            &self.legs.from_hdr,
+            &self.legs.to_hdr,
+            &self.legs.caller_contact,
+            &self.legs.callee_contact,
+        ] {
+            s[..].encode(e)?;
+        }
+        self.early_tags.encode(e)?;
+        self.created_ms.encode(e)?;
+        self.answered_ms.encode(e)?;
+        self.ended_ms.encode(e)?;
+        self.expires_ms.encode(e)?;
+        enc_end(self.end).encode(e)?;
+        self.origin.encode(e)?;
+        enc_addr(self.legs.caller_addr).encode(e)?;
+        enc_addr(self.legs.callee_addr).encode(e)?;
+        self.legs.caller_cseq.encode(e)?;
+        self.legs.callee_cseq.encode(e)?;
+        self.legs.pings.encode(e)?;
+        self.version.encode(e)
+    }
+}
+
+impl<Ctx> Decode<Ctx> for Dialog {
+    fn decode<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<Self, DecodeError> {
+        let id = u64::decode(d)?;
+        let state = match u8::decode(d)? {
+            0 => DialogState::Unconfirmed,
+            1 => DialogState::Early,
+            2 => DialogState::Confirmed,
+            3 => DialogState::Terminated,
+            _ => return Err(DecodeError::Other("bad dialog state")),
+        };
+        let mut s = || -> Result<Box<[u8]>, DecodeError> {
+            let mut v = Vec::new();
+            decode_bytes_into(d, &mut v, MAX_FIELD_LEN)?;
+            Ok(v.into_boxed_slice())
+        };
+        let (call_id, from_tag, to_tag, caller, callee) = (s()?, s()?, s()?, s()?, s()?);
+        let (from_hdr, to_hdr, caller_contact, callee_contact) = (s()?, s()?, s()?, s()?);
+        let early_tags = u8::decode(d)?;
+        let (created_ms, answered_ms, ended_ms, expires_ms) = (
+            u64::decode(d)?,
+            u64::decode(d)?,
+            u64::decode(d)?,
+            u64::decode(d)?,
+        );
+        let (k, c, p): (u8, u16, u8) = Decode::decode(d)?;
+        let party = match p {
+            0 => Party::Caller,
+            1 => Party::Callee,
+            _ => Party::Proxy,
+        };
+        let end = match k {
+            0 => None,
+            1 => Some((EndReason::Bye, party)),
+            2 => Some((EndReason::Cancelled, party)),
+            3 => Some((EndReason::Failed(c), party)),
+            4 => Some((EndReason::Lifetime, party)),
+            5 => Some((EndReason::Admin, party)),
+            6 => Some((EndReason::PingTimeout, party)),
+            _ => return Err(DecodeError::Other("bad dialog end reason")),
+        };
+        let origin = NodeId::decode(d)?;
+        let (f1, o1, p1): (u8, [u8; 16], u16) = Decode::decode(d)?;
+        let (f2, o2, p2): (u8, [u8; 16], u16) = Decode::decode(d)?;
+        Ok(Dialog {
+            id,
+            state,
+            call_id,
+            from_tag,
+            to_tag,
+            early_tags,
+            caller,
+            callee,
+            created_ms,
+            answered_ms,
+            ended_ms,
+            expires_ms,
+            end,
+            origin,
+            legs: Legs {
+                from_hdr,
+                to_hdr,
+                caller_contact,
+                callee_contact,
+                caller_addr: dec_addr(f1, o1, p1)?,
+                callee_addr: dec_addr(f2, o2, p2)?,
+                caller_cseq: u32::decode(d)?,
+                callee_cseq: u32::decode(d)?,
+                pings: u32::decode(d)?,
+            },
+            version: u64::decode(d)?,
+        })
+    }
+}
+
+bincode::impl_borrow_decode!(Dialog);
 
 /// The two sides of a call, as the proxy saw them: enough to send each a BYE.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -164,6 +337,67 @@ impl Dialog {
             self.ended_ms - self.answered_ms
         }
     }
+}
+
+/// Appends `s` as a JSON string (RFC 8259 §7 escapes; other octets as they are).
+fn json_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    for &b in s {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+impl Dialog {
+    /// The call detail record of a finished call, as one JSON object and a newline,
+    /// written into `out` (cleared first): dialog id, caller, callee, Call-ID, setup /
+    /// answer / end time (unix ms), duration, end reason, who hung up, the node writing it.
+    pub fn cdr_line(&self, node: u16, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(
+            format!("{{\"dialog_id\":\"{:016x}\",\"caller\":", self.id).as_bytes(),
+        );
+        json_str(out, &self.caller);
+        out.extend_from_slice(b",\"callee\":");
+        json_str(out, &self.callee);
+        out.extend_from_slice(b",\"call_id\":");
+        json_str(out, &self.call_id);
+        let (reason, by) = self.end.unwrap_or((EndReason::Bye, Party::Proxy));
+        out.extend_from_slice(
+            format!(
+                ",\"setup_ms\":{},\"answer_ms\":{},\"end_ms\":{},\"duration_ms\":{},\"end_reason\":\"",
+                self.created_ms,
+                self.answered_ms,
+                self.ended_ms,
+                self.duration_ms()
+            )
+            .as_bytes(),
+        );
+        reason.write(out);
+        out.extend_from_slice(
+            format!("\",\"hung_up_by\":\"{}\",\"node\":{node}}}\n", by.as_str()).as_bytes(),
+        );
+    }
+}
+
+/// Frames a CDR line (u32 LE length, the line) into the CDR writer's ring `p`; false
+/// when it is full.
+pub fn push_cdr(p: &mut rtrb::Producer<u8>, line: &[u8]) -> bool {
+    let len = (line.len() as u32).to_le_bytes();
+    let Ok(mut chunk) = p.write_chunk(4 + line.len()) else {
+        return false;
+    };
+    let (a, b) = chunk.as_mut_slices();
+    for (x, v) in a.iter_mut().chain(b.iter_mut()).zip(len.iter().chain(line)) {
+        *x = *v;
+    }
+    chunk.commit_all();
+    true
 }
 
 /// The key of a dialog: Call-ID, a zero octet, the caller's tag.
@@ -263,6 +497,24 @@ impl DialogTable {
             Compute::Removed(..) | Compute::Updated { .. } | Compute::Inserted(..) => last,
             Compute::Aborted(()) => None,
         }
+    }
+
+    /// A replicated state of the dialog of `key`: taken when newer than ours (last
+    /// writer wins by version); `ended`: the call is over, the dialog leaves the table.
+    /// Returns whether the table changed. No local side effect (no record, no CDR).
+    pub fn apply_remote(&self, key: &[u8], d: &Dialog, ended: bool) -> bool {
+        let g = self.map.guard();
+        let r = self.map.compute(
+            Box::from(key),
+            |e: Option<(&Box<[u8]>, &Arc<Dialog>)>| match e {
+                Some((_, cur)) if cur.version >= d.version => Operation::Abort(()),
+                Some(_) if ended => Operation::Remove,
+                None if ended => Operation::Abort(()),
+                _ => Operation::Insert(Arc::new(d.clone())),
+            },
+            &g,
+        );
+        !matches!(r, Compute::Aborted(()))
     }
 
     /// Every live dialog (a snapshot, for operators).
@@ -420,9 +672,85 @@ impl Profiles {
     }
 }
 
+/// A confirmed call of realistic contents (tests).
+#[cfg(test)]
+pub(crate) fn sample_dialog() -> Dialog {
+    Dialog {
+        id: 0x0001_0100_0000_002a,
+        state: DialogState::Confirmed,
+        call_id: Box::from(&b"a84b4c76e66710@pc33.example.com"[..]),
+        from_tag: Box::from(&b"1928301774"[..]),
+        to_tag: Box::from(&b"a6c85cf"[..]),
+        early_tags: 1,
+        caller: Box::from(&b"sip:alice@example.com"[..]),
+        callee: Box::from(&b"sip:bob@example.com"[..]),
+        created_ms: 1_800_000_000_000,
+        answered_ms: 1_800_000_002_000,
+        ended_ms: 0,
+        expires_ms: 1_800_043_200_000,
+        end: None,
+        origin: NodeId(1),
+        legs: Legs {
+            from_hdr: Box::from(&b"Alice <sip:alice@example.com>;tag=1928301774"[..]),
+            to_hdr: Box::from(&b"Bob <sip:bob@example.com>"[..]),
+            caller_contact: Box::from(&b"sip:alice@198.51.100.7:5080"[..]),
+            callee_contact: Box::from(&b"sip:bob@203.0.113.9:5090"[..]),
+            caller_addr: Some("198.51.100.7:5080".parse().unwrap()),
+            callee_addr: None,
+            caller_cseq: 314159,
+            callee_cseq: 0,
+            pings: 2,
+        },
+        version: 99,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_keep_the_newest_state_and_drop_ended_calls() {
+        let t = DialogTable::new(4);
+        let d = sample_dialog();
+        assert!(t.apply_remote(b"k", &d, false));
+        assert!(!t.apply_remote(b"k", &d, false), "same version: kept");
+        let older = Dialog {
+            version: 50,
+            state: DialogState::Early,
+            ..d.clone()
+        };
+        assert!(!t.apply_remote(b"k", &older, false));
+        assert_eq!(t.get(b"k").unwrap().state, DialogState::Confirmed);
+        let newer = Dialog {
+            version: 100,
+            answered_ms: 1,
+            ..d.clone()
+        };
+        assert!(t.apply_remote(b"k", &newer, false));
+        assert_eq!(t.get(b"k").unwrap().answered_ms, 1);
+        // An end older than what we hold does not end it; a newer one does.
+        assert!(!t.apply_remote(
+            b"k",
+            &Dialog {
+                version: 90,
+                ..d.clone()
+            },
+            true
+        ));
+        assert!(t.apply_remote(
+            b"k",
+            &Dialog {
+                version: 101,
+                ..d.clone()
+            },
+            true
+        ));
+        assert!(t.is_empty());
+        // An end for a call we never heard of changes nothing.
+        assert!(!t.apply_remote(b"x", &d, true));
+        assert!(t.is_empty());
+    }
 
     fn d(id: u64) -> Dialog {
         Dialog {
@@ -441,6 +769,7 @@ mod tests {
             end: None,
             origin: NodeId(1),
             legs: Legs::default(),
+            version: 1,
         }
     }
 

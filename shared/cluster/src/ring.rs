@@ -322,6 +322,7 @@ impl ChangeBatch {
         self.kinds.push(match rec.change {
             ChangeRef::BindingUpsert { .. } => None,
             ChangeRef::BindingRemove { reason, .. } => Some(reason),
+            ChangeRef::DialogUpsert { .. } | ChangeRef::DialogEnd { .. } => None,
         });
     }
 
