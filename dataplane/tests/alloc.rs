@@ -126,6 +126,145 @@ fn hot_path_allocations() {
     assert!(per_gated <= per + 0.05, "gated {per_gated} vs {per}");
 
     keepalive_pings_and_their_answers_allocate_nothing();
+    proxied_calls_allocate_a_bounded_amount_per_call();
+}
+
+/// A call through the proxy (INVITE, 180, 200, ACK, BYE, 200 in; 100 and the rest
+/// out; with dialog tracking, CDR and change records): counted, not zero — the transactions keep copies
+/// of what they may retransmit and the dialog's strings live in their own allocations.
+/// The bound catches regressions; the figure is printed.
+fn proxied_calls_allocate_a_bounded_amount_per_call() {
+    use sipmesh_cluster::dialog::{DialogTable, ProfileKey, Profiles};
+    use sipmesh_cluster::ownership::{Ownership, Segment};
+    use sipmesh_dataplane::stateful::{DialogShare, Proxy, ProxyConfig, ProxyStats};
+    use sipmesh_dataplane::txn::TimerConfig;
+    use sipmesh_dataplane::txn::table::Keys;
+    use std::sync::Arc;
+
+    let mut h = Harness::new(RegistrarConfig::default());
+    let segment = Arc::new(Segment::anonymous(7).unwrap());
+    let mut o = Ownership::default();
+    o.set_tag(0, true, 1);
+    segment.publish(&o);
+    let (cdr_p, mut cdr_c) = rtrb::RingBuffer::new(1 << 22);
+    let (_op, oc) = rtrb::RingBuffer::new(1 << 16);
+    let (rp, mut rc) = sipmesh_cluster::ring::change_ring(1 << 24);
+    let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
+    h.core = core.with_proxy(
+        Proxy::new(
+            ProxyConfig {
+                timers: TimerConfig::default(),
+                local: "192.0.2.1:5060".parse().unwrap(),
+                record_route: true,
+                dialog_lifetime_ms: 43_200_000,
+                dialog_ping_ms: 0,
+                serial_forking: false,
+            },
+            Arc::new(Keys::new()),
+            7,
+            0,
+            h.now,
+            Arc::new(ProxyStats::default()),
+        )
+        .with_dialogs(DialogShare {
+            table: Arc::new(DialogTable::new(1024)),
+            cdrs: cdr_p,
+            segment,
+            profiles: Arc::new(Profiles::new(vec![("calls".into(), ProfileKey::None)])),
+            changes: rp,
+            orders: oc,
+        }),
+    );
+    let callee = udp_source("198.51.100.20:5070");
+    h.send_from(
+        &register(
+            "bob",
+            "reg-bob",
+            1,
+            &["Contact: <sip:bob@198.51.100.20:5070>"],
+        ),
+        &callee,
+    );
+    let call = |h: &mut Harness, i: u32| -> usize {
+        let caller = udp_source("192.0.2.10:5062");
+        let invite = format!(
+            "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5062;rport;branch=z9hG4bKc{i}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a{i}\r\nTo: <sip:bob@example.com>\r\n\
+             Call-ID: call{i}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@192.0.2.10:5062>\r\nContent-Length: 0\r\n\r\n"
+        );
+        h.out.sent.clear();
+        let region = Region::new(GLOBAL);
+        h.core
+            .on_message(invite.as_bytes(), &caller, h.now, &mut h.out);
+        let at_invite = region.change().allocations;
+        let fwd = {
+            let (_, off, len) = h.out.sent[1];
+            String::from_utf8_lossy(&h.out.buf[off..off + len]).into_owned()
+        };
+        let mut r = |code: &str| {
+            let mut m = format!("SIP/2.0 {code}\r\n");
+            for l in fwd.split("\r\n").filter(|l| {
+                ["Via:", "Record-Route:", "From:", "Call-ID:", "CSeq:"]
+                    .iter()
+                    .any(|x| l.starts_with(x))
+            }) {
+                m.push_str(l);
+                m.push_str("\r\n");
+            }
+            m + &format!(
+                "To: <sip:bob@example.com>;tag=b{i}\r\nContact: <sip:bob@198.51.100.20:5070>\r\nContent-Length: 0\r\n\r\n"
+            )
+        };
+        let (ringing, ok) = (r("180 Ringing"), r("200 OK"));
+        let ack = format!(
+            "ACK sip:bob@198.51.100.20:5070 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5062;rport;branch=z9hG4bKa{i}\r\n\
+             Route: <sip:192.0.2.1:5060;lr>\r\nMax-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a{i}\r\n\
+             To: <sip:bob@example.com>;tag=b{i}\r\nCall-ID: call{i}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+        );
+        let bye = ack
+            .replace("ACK sip:", "BYE sip:")
+            .replace("1 ACK", "2 BYE")
+            .replace(&format!("z9hG4bKa{i}"), &format!("z9hG4bKb{i}"));
+        let region = Region::new(GLOBAL);
+        h.core
+            .on_message(ringing.as_bytes(), &callee, h.now, &mut h.out);
+        h.core.on_message(ok.as_bytes(), &callee, h.now, &mut h.out);
+        h.core
+            .on_message(ack.as_bytes(), &caller, h.now, &mut h.out);
+        h.out.sent.clear();
+        h.core
+            .on_message(bye.as_bytes(), &caller, h.now, &mut h.out);
+        let fbye = {
+            let (_, off, len) = h.out.sent[0];
+            String::from_utf8_lossy(&h.out.buf[off..off + len]).into_owned()
+        };
+        let a = region.change().allocations;
+        let mut m = String::from("SIP/2.0 200 OK\r\n");
+        for l in fbye.split("\r\n").filter(|l| {
+            ["Via:", "From:", "To:", "Call-ID:", "CSeq:"]
+                .iter()
+                .any(|x| l.starts_with(x))
+        }) {
+            m.push_str(l);
+            m.push_str("\r\n");
+        }
+        m.push_str("Content-Length: 0\r\n\r\n");
+        let region = Region::new(GLOBAL);
+        h.core.on_message(m.as_bytes(), &callee, h.now, &mut h.out);
+        at_invite + a + region.change().allocations
+    };
+    for i in 0..50 {
+        call(&mut h, i);
+    }
+    let n = 200;
+    let total: usize = (50..50 + n).map(|i| call(&mut h, i)).sum();
+    let per = total as f64 / n as f64;
+    eprintln!("allocations per proxied call (INVITE, 180, 200, ACK, BYE, 200): {per:.1}");
+    assert!(per <= 120.0, "{per} allocations per call");
+    let mut seen = 0;
+    rc.drain(|_| seen += 1);
+    assert!(seen > 0);
+    while cdr_c.pop().is_ok() {}
 }
 
 /// A worker sending 1000 keepalive pings (ownership checked for each) and taking their
