@@ -201,7 +201,7 @@ fn proxied_calls_allocate_a_bounded_amount_per_call() {
             let (_, off, len) = h.out.sent[1];
             String::from_utf8_lossy(&h.out.buf[off..off + len]).into_owned()
         };
-        let mut r = |code: &str| {
+        let r = |code: &str| {
             let mut m = format!("SIP/2.0 {code}\r\n");
             for l in fwd.split("\r\n").filter(|l| {
                 ["Via:", "Record-Route:", "From:", "Call-ID:", "CSeq:"]
