@@ -810,6 +810,12 @@ impl Proxy {
         if method == Method::Cancel {
             return self.cancel(m, c, src, upstream, now, out);
         }
+        // RFC 3261 §16.3 step 4: a request that already went through us with the same
+        // Request-URI is looping (482); with another one it is a legitimate spiral.
+        if method != Method::Ack && self.looping(m) {
+            self.reply_to(m, src.remote, upstream, 482, "Loop Detected", out);
+            return;
+        }
         // §16.4: a Route naming us is ours to remove.
         let top_route = m.header(HeaderName::Route).and_then(first_route_uri);
         let pop = top_route.as_ref().is_some_and(|u| self.is_us(u));
@@ -1240,6 +1246,28 @@ impl Proxy {
             }
         }
         ResponseFate::Done
+    }
+
+    /// Whether one of the request's Vias is a branch this worker forwarded with the same
+    /// Request-URI as the request has now.
+    fn looping(&mut self, m: &Message<'_>) -> bool {
+        let Some(ruri) = m.request_uri() else {
+            return false;
+        };
+        let mine: Vec<TxId> = m
+            .vias()
+            .filter_map(Result::ok)
+            .filter_map(|v| v.branch.and_then(|b| self.keys.parse_branch(b)))
+            .filter(|b| b.node == self.node && b.worker == self.worker)
+            .map(|b| b.id)
+            .collect();
+        mine.into_iter().any(|id| match self.txns.get_mut(id) {
+            Some((_, Ctx::Client(cc))) => Message::parse(&cc.request, Framing::Datagram)
+                .ok()
+                .and_then(|sent| sent.request_uri().map(|u| u == ruri))
+                .unwrap_or(false),
+            _ => false,
+        })
     }
 
     /// The dialog an in-dialog ping of ours belongs to.

@@ -845,3 +845,39 @@ fn every_dialog_change_is_a_versioned_record_for_the_peers() {
         Some(sipmesh_cluster::dialog::EndReason::Bye)
     );
 }
+
+#[test]
+fn a_request_coming_back_unchanged_is_a_loop_and_a_changed_one_a_spiral() {
+    let (mut h, _) = proxy_harness();
+    register_at(&mut h, "bob", "198.51.100.99:5060", "");
+    h.send(&invite("lp1", "z9hG4bKl9"));
+    let fwd = sent(&h)[1].1.clone();
+    // The next hop sends it straight back (same Request-URI): RFC 3261 §16.3 step 4.
+    let back = fwd.replacen(
+        "Via: ",
+        "Via: SIP/2.0/UDP 198.51.100.99:5060;branch=z9hG4bKnext1\r\nVia: ",
+        1,
+    );
+    h.send_from(&back, &udp_source("198.51.100.99:5060"));
+    let s = sent(&h);
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert!(
+        s[0].1.starts_with("SIP/2.0 482 Loop Detected\r\n"),
+        "{}",
+        s[0].1
+    );
+    // Retargeted (another Request-URI): a spiral, routed again.
+    let spiral = back
+        .replace(
+            "INVITE sip:bob@198.51.100.99:5060 SIP/2.0",
+            "INVITE sip:bob@example.com SIP/2.0",
+        )
+        .replace("z9hG4bKnext1", "z9hG4bKnext2");
+    h.send_from(&spiral, &udp_source("198.51.100.99:5060"));
+    let s = sent(&h);
+    assert!(
+        s.iter()
+            .any(|(_, m)| m.starts_with("INVITE sip:bob@198.51.100.99:5060 ")),
+        "{s:?}"
+    );
+}
