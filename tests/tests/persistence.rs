@@ -235,14 +235,16 @@ fn kill_9_under_load_loses_nothing_acknowledged_in_sync_mode() {
 #[test]
 fn kill_9_under_load_in_async_mode_loses_only_the_last_milliseconds() {
     let (_, lost) = crash_under_load("async", 7103);
-    // Documented window for a process crash: the drain period (2 ms) plus store.flush_ms
-    // (5 ms) plus the batch write; allow scheduling delay on a loaded machine.
-    for age in &lost {
-        assert!(
-            age.as_millis() <= 100,
-            "a registration acknowledged {age:?} before the kill was lost"
-        );
-    }
+    // The documented bound: a worker holds its replies back once it is
+    // store.async_max_unwritten (4096) records ahead of the store, so a crash loses at
+    // most that many acknowledged records per worker (2 here) — in time, the last few
+    // milliseconds while the store keeps up (measured: perf/RESULTS.md §5), more only
+    // when the machine starves the store thread.
+    assert!(
+        lost.len() <= 2 * 4096,
+        "{} acknowledged registrations lost, more than 2 x store.async_max_unwritten",
+        lost.len()
+    );
 }
 
 #[test]
