@@ -207,6 +207,18 @@ struct Target {
     q: u16,
 }
 
+impl Target {
+    /// The next hop of a request whose Request-URI stays as it is.
+    fn hop(dest: SocketAddr) -> Target {
+        Target {
+            uri: Vec::new(),
+            path: Vec::new(),
+            dest,
+            q: 1000,
+        }
+    }
+}
+
 /// One worker's proxy.
 pub struct Proxy {
     cfg: ProxyConfig,
@@ -862,12 +874,7 @@ impl Proxy {
         let in_dialog = c.to.tag().is_some();
         if let Some(r) = next_route.as_ref().filter(|_| pop || in_dialog) {
             match uri_addr(r) {
-                Some(d) => self.targets.push(Target {
-                    uri: Vec::new(),
-                    path: Vec::new(),
-                    dest: d,
-                    q: 1000,
-                }),
+                Some(d) => self.targets.push(Target::hop(d)),
                 None => {
                     self.reply_to(m, src.remote, upstream, 404, "Not Found", out);
                     return;
@@ -875,12 +882,7 @@ impl Proxy {
             }
         } else if in_dialog || self.is_us(&c.request_uri) {
             match uri_addr(&c.request_uri).filter(|a| *a != self.cfg.local) {
-                Some(d) => self.targets.push(Target {
-                    uri: Vec::new(),
-                    path: Vec::new(),
-                    dest: d,
-                    q: 1000,
-                }),
+                Some(d) => self.targets.push(Target::hop(d)),
                 None => {
                     // In a dialog with no route to follow, or addressed to us: §16.3.
                     self.reply_to(
@@ -930,12 +932,7 @@ impl Proxy {
                     return;
                 }
                 Lookup::NotOurs => match uri_addr(&c.request_uri) {
-                    Some(d) => self.targets.push(Target {
-                        uri: Vec::new(),
-                        path: Vec::new(),
-                        dest: d,
-                        q: 1000,
-                    }),
+                    Some(d) => self.targets.push(Target::hop(d)),
                     None => {
                         self.reply_to(m, src.remote, upstream, 404, "Not Found", out);
                         return;

@@ -21,22 +21,27 @@ fn proxy_harness() -> (Harness, Arc<ProxyStats>) {
     let mut h = Harness::new(RegistrarConfig::default());
     let stats = Arc::new(ProxyStats::default());
     let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
-    h.core = core.with_proxy(Proxy::new(
+    h.core = core.with_proxy(new_proxy(h.now, false, stats.clone()));
+    (h, stats)
+}
+
+/// A proxy as the tests run it: node 7, worker 0, 30 s in-dialog pings.
+fn new_proxy(now: u64, serial_forking: bool, stats: Arc<ProxyStats>) -> Proxy {
+    Proxy::new(
         ProxyConfig {
             timers: TimerConfig::default(),
             local: ME.parse().unwrap(),
             record_route: true,
             dialog_lifetime_ms: 43_200_000,
             dialog_ping_ms: 30_000,
-            serial_forking: false,
+            serial_forking,
         },
         Arc::new(Keys::new()),
         7,
         0,
-        h.now,
-        stats.clone(),
-    ));
-    (h, stats)
+        now,
+        stats,
+    )
 }
 
 /// Registers `user` with a contact at `addr` (from that address).
@@ -418,35 +423,22 @@ fn dialog_harness() -> (
     o.set_tag(0, true, 1);
     segment.publish(&o);
     let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
-    let proxy = Proxy::new(
-        ProxyConfig {
-            timers: TimerConfig::default(),
-            local: ME.parse().unwrap(),
-            record_route: true,
-            dialog_lifetime_ms: 43_200_000,
-            dialog_ping_ms: 30_000,
-            serial_forking: false,
+    let proxy = new_proxy(h.now, false, Arc::new(ProxyStats::default())).with_dialogs(
+        sipmesh_dataplane::stateful::DialogShare {
+            table: table.clone(),
+            cdrs: p,
+            segment,
+            orders: oc,
+            changes: rp,
+            profiles: Arc::new(sipmesh_cluster::dialog::Profiles::new(vec![
+                ("calls".into(), sipmesh_cluster::dialog::ProfileKey::None),
+                (
+                    "caller".into(),
+                    sipmesh_cluster::dialog::ProfileKey::FromUser,
+                ),
+            ])),
         },
-        Arc::new(Keys::new()),
-        7,
-        0,
-        h.now,
-        Arc::new(ProxyStats::default()),
-    )
-    .with_dialogs(sipmesh_dataplane::stateful::DialogShare {
-        table: table.clone(),
-        cdrs: p,
-        segment,
-        orders: oc,
-        changes: rp,
-        profiles: Arc::new(sipmesh_cluster::dialog::Profiles::new(vec![
-            ("calls".into(), sipmesh_cluster::dialog::ProfileKey::None),
-            (
-                "caller".into(),
-                sipmesh_cluster::dialog::ProfileKey::FromUser,
-            ),
-        ])),
-    });
+    );
     h.core = core.with_proxy(proxy);
     (h, table, c, op, rc)
 }
@@ -645,21 +637,7 @@ fn a_call_past_its_lifetime_is_ended_with_a_bye_to_each_side() {
 fn serial_forking_tries_contacts_by_q_one_set_at_a_time() {
     let mut h = Harness::new(RegistrarConfig::default());
     let core = std::mem::replace(&mut h.core, Harness::new(RegistrarConfig::default()).core);
-    h.core = core.with_proxy(Proxy::new(
-        ProxyConfig {
-            timers: TimerConfig::default(),
-            local: ME.parse().unwrap(),
-            record_route: true,
-            dialog_lifetime_ms: 43_200_000,
-            dialog_ping_ms: 30_000,
-            serial_forking: true,
-        },
-        Arc::new(Keys::new()),
-        7,
-        0,
-        h.now,
-        Arc::new(ProxyStats::default()),
-    ));
+    h.core = core.with_proxy(new_proxy(h.now, true, Arc::new(ProxyStats::default())));
     register_at(&mut h, "bob", "198.51.100.81:5060", ";q=0.9");
     register_at(&mut h, "bob", "198.51.100.82:5060", ";q=0.5");
     register_at(&mut h, "bob", "198.51.100.83:5060", ";q=0.5");
