@@ -97,6 +97,23 @@ fn call(sipd: &Sipd, alice: &Phone, bob: &Phone, n: u32) -> String {
     call_id
 }
 
+/// Alice, and Bob registered with the node at `registrar`.
+fn phones(registrar: SocketAddr) -> (Phone, Phone) {
+    let (alice, bob) = (Phone::new(), Phone::new());
+    let contact = format!("Contact: <sip:bob@{}>", bob.addr);
+    let reg = register(
+        bob.addr,
+        "UDP",
+        "bob",
+        "bob-reg",
+        1,
+        &[&contact, "Expires: 3600"],
+    );
+    bob.send(registrar, &reg);
+    bob.expect("SIP/2.0 200");
+    (alice, bob)
+}
+
 fn cdrs(sipd: &Sipd, n: usize) -> Vec<serde_json::Value> {
     wait_for(Duration::from_secs(10), || {
         let text = std::fs::read_to_string(&sipd.cdr_file).unwrap_or_default();
@@ -113,17 +130,7 @@ fn cdrs(sipd: &Sipd, n: usize) -> Vec<serde_json::Value> {
 fn an_operator_and_the_lifetime_limit_end_calls_with_a_bye_to_each_side() {
     let config = format!("{TEST_CONFIG}\n[dialog]\nlifetime_s = 3\n");
     let sipd = Sipd::start(&config, &[]);
-    let (alice, bob) = (Phone::new(), Phone::new());
-    let reg = register(
-        bob.addr,
-        "UDP",
-        "bob",
-        "bob-reg",
-        1,
-        &[&format!("Contact: <sip:bob@{}>", bob.addr), "Expires: 3600"],
-    );
-    bob.send(sipd.addr, &reg);
-    bob.expect("SIP/2.0 200");
+    let (alice, bob) = phones(sipd.addr);
 
     // 1. The operator ends the call.
     let call_id = call(&sipd, &alice, &bob, 1);
@@ -204,17 +211,7 @@ fn dialogs_replicate_and_a_peer_ends_a_call_after_its_node_died() {
             .then_some(()))
         .is_some()
     );
-    let (alice, bob) = (Phone::new(), Phone::new());
-    let reg = register(
-        bob.addr,
-        "UDP",
-        "bob",
-        "bob-reg",
-        1,
-        &[&format!("Contact: <sip:bob@{}>", bob.addr), "Expires: 3600"],
-    );
-    bob.send(n1.addr, &reg);
-    bob.expect("SIP/2.0 200");
+    let (alice, bob) = phones(n1.addr);
 
     // A call through node 1 ends with a BYE: node 2 saw it come and go, and exactly one
     // node wrote its CDR (the one acting on its bucket).
