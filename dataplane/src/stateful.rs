@@ -171,7 +171,7 @@ struct ServerCtx {
     /// A CANCEL came: branches cancel as soon as they may (after a provisional, §9.1).
     cancelled: bool,
     /// The key of the dialog this INVITE creates.
-    dialog: Option<Vec<u8>>,
+    dialog: Option<Arc<[u8]>>,
     /// Targets not tried yet (serial forking).
     rest: Vec<Target>,
 }
@@ -304,19 +304,19 @@ impl Proxy {
         c: &Checked<'_>,
         src: &Source,
         now: Millis,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<Arc<[u8]>> {
         let d = self.dialogs.as_ref()?;
         let from_tag = c.from.tag().unwrap_or_default();
         dialog_key(c.call_id, from_tag, &mut self.dkey);
         let dialog = Dialog {
             id: d.table.next_id(NodeId(self.node), self.worker),
             state: DialogState::Unconfirmed,
-            call_id: Box::from(c.call_id),
-            from_tag: Box::from(from_tag),
+            call_id: Arc::from(c.call_id),
+            from_tag: Arc::from(from_tag),
             to_tag: Box::default(),
             early_tags: 0,
-            caller: Box::from(c.from.uri),
-            callee: Box::from(c.request_uri.raw),
+            caller: Arc::from(c.from.uri),
+            callee: Arc::from(c.request_uri.raw),
             created_ms: now,
             answered_ms: 0,
             ended_ms: 0,
@@ -325,9 +325,9 @@ impl Proxy {
             origin: NodeId(self.node),
             version: next_version(0, now, self.worker),
             legs: Legs {
-                from_hdr: Box::from(m.header(HeaderName::From).unwrap_or_default()),
-                to_hdr: Box::from(m.header(HeaderName::To).unwrap_or_default()),
-                caller_contact: Box::from(first_contact(m).unwrap_or_default()),
+                from_hdr: Arc::from(m.header(HeaderName::From).unwrap_or_default()),
+                to_hdr: Arc::from(m.header(HeaderName::To).unwrap_or_default()),
+                caller_contact: Arc::from(first_contact(m).unwrap_or_default()),
                 callee_contact: Box::default(),
                 caller_addr: Some(src.remote),
                 callee_addr: None,
@@ -346,7 +346,7 @@ impl Proxy {
         } else {
             d.profiles.add(&dialog, -1);
         }
-        Some(self.dkey.clone())
+        Some(Arc::from(&self.dkey[..]))
     }
 
     /// Atomic change of the dialog of `key` (`f` returns the new state, or `None` to
@@ -498,14 +498,14 @@ impl Proxy {
             // To the callee, as from the caller; to the caller, as from the callee.
             let legs = [
                 (
-                    &l.callee_contact,
+                    &l.callee_contact[..],
                     l.callee_addr,
                     &l.from_hdr[..],
                     &to_tagged[..],
                     l.caller_cseq + 1,
                 ),
                 (
-                    &l.caller_contact,
+                    &l.caller_contact[..],
                     l.caller_addr,
                     &to_tagged[..],
                     &l.from_hdr[..],
@@ -555,13 +555,13 @@ impl Proxy {
         let cseq = l.caller_cseq.max(l.callee_cseq) + 1000 + l.pings;
         let legs = [
             (
-                &l.callee_contact,
+                &l.callee_contact[..],
                 l.callee_addr,
                 &l.from_hdr[..],
                 &to_tagged[..],
             ),
             (
-                &l.caller_contact,
+                &l.caller_contact[..],
                 l.caller_addr,
                 &to_tagged[..],
                 &l.from_hdr[..],
@@ -1388,12 +1388,11 @@ impl Proxy {
                 Some((_, Ctx::Client(cc))) => Some(cc.dest),
                 _ => None,
             });
-            let (to_tag, contact) = (to_tag.to_vec(), contact.to_vec());
             self.dialog_response(
                 &key,
                 final_code,
-                &to_tag,
-                (&contact, callee_addr),
+                to_tag,
+                (contact, callee_addr),
                 cancelled,
                 ours,
                 now,

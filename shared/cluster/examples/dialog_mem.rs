@@ -26,6 +26,10 @@ fn b(s: String) -> Box<[u8]> {
     s.into_bytes().into_boxed_slice()
 }
 
+fn a(s: String) -> std::sync::Arc<[u8]> {
+    std::sync::Arc::from(s.into_bytes())
+}
+
 fn main() {
     let n: usize = std::env::args()
         .nth(1)
@@ -41,12 +45,12 @@ fn main() {
         let d = Dialog {
             id: table.next_id(NodeId(1), 0),
             state: DialogState::Confirmed,
-            call_id: b(call_id),
-            from_tag: b(from_tag.clone()),
+            call_id: a(call_id),
+            from_tag: a(from_tag.clone()),
             to_tag: b(format!("{:010x}", i * 104_729)),
             early_tags: 1,
-            caller: b(format!("sip:caller{i:06}@example.com")),
-            callee: b(format!("sip:bob{i:06}@example.com")),
+            caller: a(format!("sip:caller{i:06}@example.com")),
+            callee: a(format!("sip:bob{i:06}@example.com")),
             created_ms: 1_800_000_000_000,
             answered_ms: 1_800_000_002_000,
             ended_ms: 0,
@@ -55,9 +59,9 @@ fn main() {
             origin: NodeId(1),
             version: 1,
             legs: Legs {
-                from_hdr: b(format!("<sip:caller{i:06}@example.com>;tag={from_tag}")),
-                to_hdr: b(format!("<sip:bob{i:06}@example.com>")),
-                caller_contact: b(format!("sip:caller{i:06}@198.51.100.7:5080")),
+                from_hdr: a(format!("<sip:caller{i:06}@example.com>;tag={from_tag}")),
+                to_hdr: a(format!("<sip:bob{i:06}@example.com>")),
+                caller_contact: a(format!("sip:caller{i:06}@198.51.100.7:5080")),
                 callee_contact: b(format!("sip:bob{i:06}@203.0.113.9:5090;transport=udp")),
                 caller_addr: Some("198.51.100.7:5080".parse().unwrap()),
                 callee_addr: Some("203.0.113.9:5090".parse().unwrap()),

@@ -72,8 +72,8 @@ impl EndReason {
             EndReason::Admin => out.extend_from_slice(b"admin"),
             EndReason::PingTimeout => out.extend_from_slice(b"ping-timeout"),
             EndReason::Failed(c) => {
-                out.extend_from_slice(b"failed-");
-                out.extend_from_slice(c.to_string().as_bytes());
+                use std::io::Write;
+                let _ = write!(out, "failed-{c}");
             }
         }
     }
@@ -109,17 +109,17 @@ pub struct Dialog {
     /// Where the call is.
     pub state: DialogState,
     /// Call-ID.
-    pub call_id: Box<[u8]>,
+    pub call_id: Arc<[u8]>,
     /// The caller's (From) tag.
-    pub from_tag: Box<[u8]>,
+    pub from_tag: Arc<[u8]>,
     /// The callee's tag: the confirmed one, else the latest early one.
     pub to_tag: Box<[u8]>,
     /// Early dialogs seen (distinct To tags of provisional responses, forking).
     pub early_tags: u8,
     /// From URI of the INVITE.
-    pub caller: Box<[u8]>,
+    pub caller: Arc<[u8]>,
     /// Request-URI of the INVITE as received.
-    pub callee: Box<[u8]>,
+    pub callee: Arc<[u8]>,
     /// Wall-clock ms the INVITE was forwarded.
     pub created_ms: u64,
     /// Wall-clock ms the 2xx was relayed (0: never).
@@ -201,17 +201,17 @@ impl Encode for Dialog {
         self.id.encode(e)?;
         enc_state(self.state).encode(e)?;
         for s in [
-            &self.call_id,
-            &self.from_tag,
-            &self.to_tag,
-            &self.caller,
-            &self.callee,
-            &self.legs.from_hdr,
-            &self.legs.to_hdr,
-            &self.legs.caller_contact,
-            &self.legs.callee_contact,
+            &self.call_id[..],
+            &self.from_tag[..],
+            &self.to_tag[..],
+            &self.caller[..],
+            &self.callee[..],
+            &self.legs.from_hdr[..],
+            &self.legs.to_hdr[..],
+            &self.legs.caller_contact[..],
+            &self.legs.callee_contact[..],
         ] {
-            s[..].encode(e)?;
+            s.encode(e)?;
         }
         self.early_tags.encode(e)?;
         self.created_ms.encode(e)?;
@@ -246,6 +246,9 @@ impl<Ctx> Decode<Ctx> for Dialog {
         };
         let (call_id, from_tag, to_tag, caller, callee) = (s()?, s()?, s()?, s()?, s()?);
         let (from_hdr, to_hdr, caller_contact, callee_contact) = (s()?, s()?, s()?, s()?);
+        let a = Arc::<[u8]>::from;
+        let (call_id, from_tag, caller, callee) = (a(call_id), a(from_tag), a(caller), a(callee));
+        let (from_hdr, to_hdr, caller_contact) = (a(from_hdr), a(to_hdr), a(caller_contact));
         let early_tags = u8::decode(d)?;
         let (created_ms, answered_ms, ended_ms, expires_ms) = (
             u64::decode(d)?,
@@ -309,11 +312,11 @@ bincode::impl_borrow_decode!(Dialog);
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Legs {
     /// From header value of the INVITE (the caller's identity and tag).
-    pub from_hdr: Box<[u8]>,
+    pub from_hdr: Arc<[u8]>,
     /// To header value of the INVITE (without the callee's tag).
-    pub to_hdr: Box<[u8]>,
+    pub to_hdr: Arc<[u8]>,
     /// Contact URI of the caller (the INVITE's).
-    pub caller_contact: Box<[u8]>,
+    pub caller_contact: Arc<[u8]>,
     /// Contact URI of the callee (the 2xx's).
     pub callee_contact: Box<[u8]>,
     /// Where the caller's requests came from (a BYE to it goes there, NAT included).
@@ -346,7 +349,10 @@ fn json_str(out: &mut Vec<u8>, s: &[u8]) {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
-            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            0..=0x1f | 0x7f => {
+                use std::io::Write;
+                let _ = write!(out, "\\u{b:04x}");
+            }
             _ => out.push(b),
         }
     }
@@ -358,29 +364,29 @@ impl Dialog {
     /// written into `out` (cleared first): dialog id, caller, callee, Call-ID, setup /
     /// answer / end time (unix ms), duration, end reason, who hung up, the node writing it.
     pub fn cdr_line(&self, node: u16, out: &mut Vec<u8>) {
+        use std::io::Write;
         out.clear();
-        out.extend_from_slice(
-            format!("{{\"dialog_id\":\"{:016x}\",\"caller\":", self.id).as_bytes(),
-        );
+        // Writing into a Vec cannot fail; it allocates only while `out` grows.
+        let _ = write!(out, "{{\"dialog_id\":\"{:016x}\",\"caller\":", self.id);
         json_str(out, &self.caller);
         out.extend_from_slice(b",\"callee\":");
         json_str(out, &self.callee);
         out.extend_from_slice(b",\"call_id\":");
         json_str(out, &self.call_id);
         let (reason, by) = self.end.unwrap_or((EndReason::Bye, Party::Proxy));
-        out.extend_from_slice(
-            format!(
-                ",\"setup_ms\":{},\"answer_ms\":{},\"end_ms\":{},\"duration_ms\":{},\"end_reason\":\"",
-                self.created_ms,
-                self.answered_ms,
-                self.ended_ms,
-                self.duration_ms()
-            )
-            .as_bytes(),
+        let _ = write!(
+            out,
+            ",\"setup_ms\":{},\"answer_ms\":{},\"end_ms\":{},\"duration_ms\":{},\"end_reason\":\"",
+            self.created_ms,
+            self.answered_ms,
+            self.ended_ms,
+            self.duration_ms()
         );
         reason.write(out);
-        out.extend_from_slice(
-            format!("\",\"hung_up_by\":\"{}\",\"node\":{node}}}\n", by.as_str()).as_bytes(),
+        let _ = write!(
+            out,
+            "\",\"hung_up_by\":\"{}\",\"node\":{node}}}\n",
+            by.as_str()
         );
     }
 }
@@ -678,12 +684,12 @@ pub(crate) fn sample_dialog() -> Dialog {
     Dialog {
         id: 0x0001_0100_0000_002a,
         state: DialogState::Confirmed,
-        call_id: Box::from(&b"a84b4c76e66710@pc33.example.com"[..]),
-        from_tag: Box::from(&b"1928301774"[..]),
+        call_id: Arc::from(&b"a84b4c76e66710@pc33.example.com"[..]),
+        from_tag: Arc::from(&b"1928301774"[..]),
         to_tag: Box::from(&b"a6c85cf"[..]),
         early_tags: 1,
-        caller: Box::from(&b"sip:alice@example.com"[..]),
-        callee: Box::from(&b"sip:bob@example.com"[..]),
+        caller: Arc::from(&b"sip:alice@example.com"[..]),
+        callee: Arc::from(&b"sip:bob@example.com"[..]),
         created_ms: 1_800_000_000_000,
         answered_ms: 1_800_000_002_000,
         ended_ms: 0,
@@ -691,9 +697,9 @@ pub(crate) fn sample_dialog() -> Dialog {
         end: None,
         origin: NodeId(1),
         legs: Legs {
-            from_hdr: Box::from(&b"Alice <sip:alice@example.com>;tag=1928301774"[..]),
-            to_hdr: Box::from(&b"Bob <sip:bob@example.com>"[..]),
-            caller_contact: Box::from(&b"sip:alice@198.51.100.7:5080"[..]),
+            from_hdr: Arc::from(&b"Alice <sip:alice@example.com>;tag=1928301774"[..]),
+            to_hdr: Arc::from(&b"Bob <sip:bob@example.com>"[..]),
+            caller_contact: Arc::from(&b"sip:alice@198.51.100.7:5080"[..]),
             callee_contact: Box::from(&b"sip:bob@203.0.113.9:5090"[..]),
             caller_addr: Some("198.51.100.7:5080".parse().unwrap()),
             callee_addr: None,
@@ -756,12 +762,12 @@ mod tests {
         Dialog {
             id,
             state: DialogState::Unconfirmed,
-            call_id: Box::from(&b"c1"[..]),
-            from_tag: Box::from(&b"f1"[..]),
+            call_id: Arc::from(&b"c1"[..]),
+            from_tag: Arc::from(&b"f1"[..]),
             to_tag: Box::default(),
             early_tags: 0,
-            caller: Box::from(&b"sip:alice@example.com"[..]),
-            callee: Box::from(&b"sip:bob@example.com"[..]),
+            caller: Arc::from(&b"sip:alice@example.com"[..]),
+            callee: Arc::from(&b"sip:bob@example.com"[..]),
             created_ms: 1000,
             answered_ms: 0,
             ended_ms: 0,
@@ -833,8 +839,8 @@ mod tests {
         ]);
         let mut a = d(1);
         let mut b = d(2);
-        b.caller = Box::from(&b"sip:carol@example.com"[..]);
-        a.callee = Box::from(&b"sip:bob@example.net;user=phone"[..]);
+        b.caller = Arc::from(&b"sip:carol@example.com"[..]);
+        a.callee = Arc::from(&b"sip:bob@example.net;user=phone"[..]);
         p.add(&a, 1);
         p.add(&b, 1);
         p.add(&d(3), 1);
