@@ -383,9 +383,9 @@ impl Dialog {
             self.duration_ms()
         );
         reason.write(out);
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "\",\"hung_up_by\":\"{}\",\"node\":{node}}}\n",
+            "\",\"hung_up_by\":\"{}\",\"node\":{node}}}",
             by.as_str()
         );
     }
