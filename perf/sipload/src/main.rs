@@ -1,0 +1,642 @@
+//! `sipload`: runs the client side of a SIPp XML scenario from several threads, each with
+//! a UDP socket of its own, at a target call rate, and reports what SIPp reports: calls
+//! made, succeeded and failed (by reason), retransmissions, the rate achieved, and the
+//! response-time percentiles of the steps marked `rtd`.
+//!
+//! ```text
+//! sipload HOST:PORT -sf SCENARIO.xml [-s SERVICE] [-i LOCAL_IP] [-p FIRST_PORT]
+//!         [-t THREADS] [-r CALLS_PER_S] [-m CALLS] [-l MAX_LIVE] [-d PAUSE_MS]
+//!         [-timeout S] [-inf FILE.csv]
+//! ```
+//!
+//! Exit status 0 when every call succeeded, 1 when some failed, 2 on a usage error.
+//! Bounded: at most `-m` calls and `-timeout` seconds (default 60).
+
+mod scenario;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use scenario::{Expect, Scenario, Step};
+
+const USAGE: &str = "usage: sipload HOST:PORT -sf SCENARIO.xml [-s SERVICE] [-i LOCAL_IP] \
+[-p FIRST_PORT] [-t THREADS] [-r CALLS_PER_S] [-m CALLS] [-l MAX_LIVE] [-d PAUSE_MS] \
+[-timeout S] [-inf FILE.csv]";
+
+#[derive(Clone)]
+struct Opts {
+    remote: SocketAddr,
+    scenario: Arc<Scenario>,
+    service: String,
+    local_ip: std::net::IpAddr,
+    port: u16,
+    threads: usize,
+    rate: f64,
+    calls: u64,
+    limit: usize,
+    pause_ms: u64,
+    timeout: Duration,
+    fields: Arc<Vec<Vec<String>>>,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("sipload: {msg}");
+    std::process::exit(2)
+}
+
+fn parse_args() -> Opts {
+    let mut args = std::env::args().skip(1);
+    let mut remote = None;
+    let mut sf = None;
+    let mut service = "service".to_string();
+    let mut local_ip: std::net::IpAddr = [127, 0, 0, 1].into();
+    let mut port = 5080u16;
+    let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut rate = 10.0;
+    let mut calls = 1u64;
+    let mut limit = 10_000usize;
+    let mut pause_ms = 0u64;
+    let mut timeout = Duration::from_secs(60);
+    let mut inf = None;
+    while let Some(a) = args.next() {
+        let mut val = |name: &str| {
+            args.next()
+                .unwrap_or_else(|| fail(format!("{name} needs a value\n{USAGE}")))
+        };
+        let num = |name: &str, v: String| -> u64 {
+            v.parse()
+                .unwrap_or_else(|_| fail(format!("{name}: `{v}` is not a number")))
+        };
+        match a.as_str() {
+            "-sf" => sf = Some(val("-sf")),
+            "-s" => service = val("-s"),
+            "-i" => {
+                let v = val("-i");
+                local_ip = v
+                    .parse()
+                    .unwrap_or_else(|_| fail(format!("-i: `{v}` is not an IP address")))
+            }
+            "-p" => port = num("-p", val("-p")) as u16,
+            "-t" => threads = num("-t", val("-t")).max(1) as usize,
+            "-r" => {
+                let v = val("-r");
+                rate = v
+                    .parse()
+                    .unwrap_or_else(|_| fail(format!("-r: `{v}` is not a rate")))
+            }
+            "-m" => calls = num("-m", val("-m")),
+            "-l" => limit = num("-l", val("-l")).max(1) as usize,
+            "-d" => pause_ms = num("-d", val("-d")),
+            "-timeout" => {
+                let v = val("-timeout");
+                timeout = Duration::from_secs(num("-timeout", v.trim_end_matches('s').to_string()))
+            }
+            "-inf" => inf = Some(val("-inf")),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
+            s if remote.is_none() && !s.starts_with('-') => {
+                remote =
+                    Some(s.parse::<SocketAddr>().unwrap_or_else(|_| {
+                        fail(format!("`{s}` is not HOST:PORT (an IP address)"))
+                    }))
+            }
+            other => fail(format!("unknown option `{other}`\n{USAGE}")),
+        }
+    }
+    let remote = remote.unwrap_or_else(|| fail(USAGE));
+    let sf = sf.unwrap_or_else(|| fail(format!("-sf SCENARIO.xml is needed\n{USAGE}")));
+    let text = std::fs::read_to_string(&sf).unwrap_or_else(|e| fail(format!("{sf}: {e}")));
+    let scenario = Scenario::parse(&text).unwrap_or_else(|e| fail(format!("{sf}: {e}")));
+    let fields = match inf {
+        None => Vec::new(),
+        Some(f) => {
+            let text = std::fs::read_to_string(&f).unwrap_or_else(|e| fail(format!("{f}: {e}")));
+            let mut lines = text.lines();
+            // SIPp's first line names the order (SEQUENTIAL, RANDOM ...).
+            let first = lines.next().unwrap_or_default();
+            let data: Vec<Vec<String>> = if first.contains(';') {
+                text.lines()
+            } else {
+                lines
+            }
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.split(';').map(str::to_string).collect())
+            .collect();
+            if data.is_empty() {
+                fail(format!("{f}: no data lines"));
+            }
+            data
+        }
+    };
+    Opts {
+        remote,
+        scenario: Arc::new(scenario),
+        service,
+        local_ip,
+        port,
+        threads: threads.min(calls.max(1) as usize),
+        rate,
+        calls,
+        limit,
+        pause_ms,
+        timeout,
+        fields: Arc::new(fields),
+    }
+}
+
+/// Totals shared by the threads (for the progress line).
+#[derive(Default)]
+struct Live {
+    started: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    retrans: AtomicU64,
+}
+
+/// What one thread reports at the end.
+#[derive(Default)]
+struct Report {
+    ok: u64,
+    failed: HashMap<String, u64>,
+    retrans: u64,
+    rtd_us: Vec<u32>,
+}
+
+struct Sent {
+    bytes: Vec<u8>,
+    next: Instant,
+    interval: Duration,
+    invite: bool,
+    first: Instant,
+}
+
+struct Call {
+    number: u64,
+    call_id: String,
+    step: usize,
+    start: Instant,
+    /// The last message received (for `[last_*:]`).
+    last: String,
+    routes: String,
+    next_url: String,
+    peer_tag: String,
+    sent: Option<Sent>,
+    pause_until: Option<Instant>,
+    /// Steps already passed that received a message (retransmissions of theirs are
+    /// ignored).
+    seen_codes: Vec<u16>,
+}
+
+fn header_lines<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
+    let head = msg.split("\r\n\r\n").next().unwrap_or("");
+    head.split("\r\n")
+        .skip(1)
+        .filter(|l| {
+            l.split_once(':')
+                .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        })
+        .collect()
+}
+
+fn header_value<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
+    header_lines(msg, name)
+        .first()
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim())
+}
+
+fn angle(v: &str) -> &str {
+    match (v.find('<'), v.find('>')) {
+        (Some(a), Some(b)) if b > a => &v[a + 1..b],
+        _ => v.split(';').next().unwrap_or(v).trim(),
+    }
+}
+
+struct Ctx<'a> {
+    o: &'a Opts,
+    local: SocketAddr,
+    pid: u32,
+}
+
+/// Fills a template for `call`: keywords replaced, lines that became empty in the head
+/// dropped, `[len]` set to the body's length.
+fn render(t: &str, call: &Call, step: usize, ctx: &Ctx<'_>) -> Vec<u8> {
+    let o = ctx.o;
+    let ipv = if ctx.local.is_ipv4() { "4" } else { "6" };
+    let mut out = String::with_capacity(t.len() + 256);
+    let mut rest = t;
+    while let Some(i) = rest.find('[') {
+        out.push_str(&rest[..i]);
+        let Some(j) = rest[i..].find(']') else {
+            out.push_str(&rest[i..]);
+            rest = "";
+            break;
+        };
+        let key = &rest[i + 1..i + j];
+        match key {
+            "service" => out.push_str(&o.service),
+            "remote_ip" => out.push_str(&o.remote.ip().to_string()),
+            "remote_port" => out.push_str(&o.remote.port().to_string()),
+            "local_ip" | "media_ip" => out.push_str(&ctx.local.ip().to_string()),
+            "local_port" => out.push_str(&ctx.local.port().to_string()),
+            "media_port" => out.push_str("6000"),
+            "local_ip_type" | "media_ip_type" => out.push_str(ipv),
+            "transport" => out.push_str("UDP"),
+            "pid" => out.push_str(&ctx.pid.to_string()),
+            "call_number" => out.push_str(&call.number.to_string()),
+            "call_id" => out.push_str(&call.call_id),
+            "branch" => {
+                out.push_str(&format!("z9hG4bK-{}-{}-{}", ctx.pid, call.number, step));
+            }
+            "peer_tag_param" => {
+                if !call.peer_tag.is_empty() {
+                    out.push_str(";tag=");
+                    out.push_str(&call.peer_tag);
+                }
+            }
+            "routes" => {
+                if !call.routes.is_empty() {
+                    out.push_str("Route: ");
+                    out.push_str(&call.routes);
+                }
+            }
+            "next_url" => out.push_str(&call.next_url),
+            "len" => out.push_str("\u{0}LEN\u{0}"),
+            k if k.starts_with("last_") && k.ends_with(':') => {
+                let name = &k[5..k.len() - 1];
+                out.push_str(&header_lines(&call.last, name).join("\r\n"));
+            }
+            k if k.starts_with("field") => {
+                let n: usize = k[5..].parse().unwrap_or(usize::MAX);
+                if !o.fields.is_empty() {
+                    let line = &o.fields[(call.number as usize - 1) % o.fields.len()];
+                    out.push_str(line.get(n).map_or("", String::as_str));
+                }
+            }
+            _ => {
+                // Not a keyword: keep it as written.
+                out.push('[');
+                out.push_str(key);
+                out.push(']');
+            }
+        }
+        rest = &rest[i + j + 1..];
+    }
+    out.push_str(rest);
+    // Lines of the head that became empty (an absent [last_Record-Route:]) go.
+    let (head, body) = match out.find("\r\n\r\n") {
+        Some(i) => (&out[..i], &out[i + 4..]),
+        None => (out.as_str(), ""),
+    };
+    let head: Vec<&str> = head.split("\r\n").filter(|l| !l.is_empty()).collect();
+    let mut msg = head.join("\r\n");
+    msg.push_str("\r\n\r\n");
+    msg.push_str(body);
+    msg.replace("\u{0}LEN\u{0}", &body.len().to_string())
+        .into_bytes()
+}
+
+/// Timer of an unanswered request: doubling from its `retrans` interval, capped at 4 s
+/// for non-INVITE (RFC 3261 timers A and E).
+fn retransmit(s: &mut Sent, now: Instant) {
+    s.next = now + s.interval;
+    s.interval = if s.invite {
+        s.interval * 2
+    } else {
+        (s.interval * 2).min(Duration::from_millis(4000))
+    };
+}
+
+fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
+    let sock = UdpSocket::bind((o.local_ip, o.port + index as u16)).unwrap_or_else(|e| {
+        fail(format!(
+            "bind {}:{}: {e}",
+            o.local_ip,
+            o.port + index as u16
+        ))
+    });
+    sock.set_nonblocking(true).ok();
+    let local = sock.local_addr().expect("bound");
+    let ctx = Ctx {
+        o: &o,
+        local,
+        pid: std::process::id(),
+    };
+    let steps = &o.scenario.steps;
+    let threads = o.threads as u64;
+    // This thread makes calls index+1, index+1+T, ...
+    let mine = (o.calls + threads - 1 - index as u64) / threads;
+    let rate = o.rate / threads as f64;
+    let mut made = 0u64;
+    let mut calls: HashMap<String, Call> = HashMap::new();
+    let mut report = Report::default();
+    let mut buf = vec![0u8; 65_535];
+    let deadline = t0 + o.timeout;
+    let give_up = Duration::from_secs(32);
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            for _ in calls.drain() {
+                *report.failed.entry("run timeout".into()).or_default() += 1;
+                live.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            break;
+        }
+        // New calls at the rate asked, within the limit of live calls.
+        let due = ((now - t0).as_secs_f64() * rate) as u64 + 1;
+        while made < mine.min(due) && calls.len() < o.limit / o.threads + 1 {
+            let number = made * threads + index as u64 + 1;
+            made += 1;
+            live.started.fetch_add(1, Ordering::Relaxed);
+            let call = Call {
+                number,
+                call_id: format!("{number}-{}@{}", ctx.pid, local.ip()),
+                step: 0,
+                start: now,
+                last: String::new(),
+                routes: String::new(),
+                next_url: String::new(),
+                peer_tag: String::new(),
+                sent: None,
+                pause_until: None,
+                seen_codes: Vec::new(),
+            };
+            calls.insert(call.call_id.clone(), call);
+        }
+        // Advance every call that can: sends, pauses, timers.
+        let mut done: Vec<(String, Result<(), String>)> = Vec::new();
+        for (id, c) in calls.iter_mut() {
+            loop {
+                if c.step >= steps.len() {
+                    done.push((id.clone(), Ok(())));
+                    break;
+                }
+                match &steps[c.step] {
+                    Step::Send { template, retrans } => {
+                        let bytes = render(template, c, c.step, &ctx);
+                        let _ = sock.send_to(&bytes, o.remote);
+                        let invite = bytes.starts_with(b"INVITE ");
+                        c.sent = retrans.map(|ms| Sent {
+                            bytes,
+                            next: now + Duration::from_millis(ms),
+                            interval: Duration::from_millis(ms * 2),
+                            invite,
+                            first: now,
+                        });
+                        c.step += 1;
+                    }
+                    Step::Pause(ms) => {
+                        let until = *c
+                            .pause_until
+                            .get_or_insert(now + Duration::from_millis(ms.unwrap_or(o.pause_ms)));
+                        if now >= until {
+                            c.pause_until = None;
+                            c.step += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    Step::Recv { .. } => {
+                        if let Some(s) = c.sent.as_mut()
+                            && now >= s.next
+                        {
+                            if now - s.first > give_up {
+                                done.push((
+                                    id.clone(),
+                                    Err("no answer (retransmissions exhausted)".into()),
+                                ));
+                                break;
+                            }
+                            let _ = sock.send_to(&s.bytes, o.remote);
+                            retransmit(s, now);
+                            report.retrans += 1;
+                            live.retrans.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if now - c.start > give_up + give_up {
+                            done.push((id.clone(), Err("recv timeout".into())));
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        for (id, r) in done {
+            calls.remove(&id);
+            match r {
+                Ok(()) => {
+                    report.ok += 1;
+                    live.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    *report.failed.entry(e).or_default() += 1;
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if made >= mine && calls.is_empty() {
+            break;
+        }
+        // Receive what came.
+        let mut got = 0;
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            got += 1;
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let Some(cid) = header_value(&text, "Call-ID").or_else(|| header_value(&text, "i"))
+            else {
+                continue;
+            };
+            let Some(c) = calls.get_mut(cid) else {
+                continue;
+            };
+            let first = text.split("\r\n").next().unwrap_or("");
+            let (code, method) = match first.strip_prefix("SIP/2.0 ") {
+                Some(r) => (r.get(..3).and_then(|s| s.parse::<u16>().ok()), None),
+                None => (None, first.split(' ').next()),
+            };
+            // The step it answers: the current recv, or a later optional-skipped one.
+            let mut k = c.step;
+            let mut matched = None;
+            while let Some(Step::Recv { what, optional, .. }) = steps.get(k) {
+                let ok = match (what, code, method) {
+                    (Expect::Response(w), Some(got), _) => *w == got,
+                    (Expect::Request(w), _, Some(m)) => w == m,
+                    _ => false,
+                };
+                if ok {
+                    matched = Some(k);
+                    break;
+                }
+                if !optional {
+                    break;
+                }
+                k += 1;
+            }
+            let Some(k) = matched else {
+                // A retransmission of something already received is ignored; anything
+                // else is unexpected, as SIPp counts it.
+                if code.is_some_and(|x| c.seen_codes.contains(&x)) {
+                    continue;
+                }
+                let what = code.map_or_else(
+                    || format!("unexpected {}", method.unwrap_or("?")),
+                    |x| format!("unexpected {x}"),
+                );
+                *report.failed.entry(what).or_default() += 1;
+                live.failed.fetch_add(1, Ordering::Relaxed);
+                let id = c.call_id.clone();
+                calls.remove(&id);
+                continue;
+            };
+            let Step::Recv { rtd, rrs, .. } = &steps[k] else {
+                continue;
+            };
+            if *rtd {
+                let us = c.start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                if report.rtd_us.len() < 10_000_000 {
+                    report.rtd_us.push(us);
+                }
+            }
+            if *rrs {
+                let rr: Vec<&str> = header_lines(&text, "Record-Route")
+                    .iter()
+                    .filter_map(|l| l.split_once(':').map(|(_, v)| v.trim()))
+                    .collect();
+                // RFC 3261 §12.1.2: the caller's route set is the Record-Route reversed.
+                let mut rr = rr
+                    .join(", ")
+                    .split(", ")
+                    .map(str::to_string)
+                    .collect::<Vec<_>>();
+                rr.reverse();
+                c.routes = rr.join(", ");
+                c.next_url = header_value(&text, "Contact")
+                    .or_else(|| header_value(&text, "m"))
+                    .map(|v| angle(v).to_string())
+                    .unwrap_or_default();
+            }
+            if let Some(to) = header_value(&text, "To").or_else(|| header_value(&text, "t"))
+                && let Some(i) = to.find(";tag=")
+            {
+                c.peer_tag = to[i + 5..].split(';').next().unwrap_or("").to_string();
+            }
+            if let Some(x) = code {
+                c.seen_codes.push(x);
+                // A final response ends the retransmissions of the request.
+                if x >= 200 || c.sent.as_ref().is_some_and(|s| s.invite) {
+                    c.sent = None;
+                }
+            }
+            c.last = text;
+            c.step = k + 1;
+        }
+        if got == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    report
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+fn main() {
+    let o = parse_args();
+    let live = Arc::new(Live::default());
+    let t0 = Instant::now();
+    eprintln!(
+        "sipload: {} ({} steps) -> {}, {} calls at {}/s from {} threads",
+        o.scenario.name,
+        o.scenario.steps.len(),
+        o.remote,
+        o.calls,
+        o.rate,
+        o.threads
+    );
+    let handles: Vec<_> = (0..o.threads)
+        .map(|i| {
+            let (o, live) = (o.clone(), live.clone());
+            std::thread::spawn(move || run_thread(o, i, live, t0))
+        })
+        .collect();
+    // A progress line every second.
+    let progress = {
+        let live = live.clone();
+        let total = o.calls;
+        std::thread::spawn(move || {
+            let mut last = 0;
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let (ok, failed) = (
+                    live.ok.load(Ordering::Relaxed),
+                    live.failed.load(Ordering::Relaxed),
+                );
+                eprintln!(
+                    "sipload: {:>6.1} s  started {}  ok {}  failed {}  retrans {}  ({}/s)",
+                    t0.elapsed().as_secs_f64(),
+                    live.started.load(Ordering::Relaxed),
+                    ok,
+                    failed,
+                    live.retrans.load(Ordering::Relaxed),
+                    ok + failed - last
+                );
+                last = ok + failed;
+                if last >= total {
+                    return;
+                }
+            }
+        })
+    };
+    let mut total = Report::default();
+    for h in handles {
+        let r = h.join().expect("a sipload thread");
+        total.ok += r.ok;
+        total.retrans += r.retrans;
+        for (k, v) in r.failed {
+            *total.failed.entry(k).or_default() += v;
+        }
+        total.rtd_us.extend(r.rtd_us);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    drop(progress);
+    total.rtd_us.sort_unstable();
+    let failed: u64 = total.failed.values().sum();
+    println!("scenario          {}", o.scenario.name);
+    println!("calls             {}", total.ok + failed);
+    println!("successful        {}", total.ok);
+    println!("failed            {failed}");
+    let mut reasons: Vec<_> = total.failed.iter().collect();
+    reasons.sort();
+    for (k, v) in reasons {
+        println!("  {k:<30} {v}");
+    }
+    println!("retransmissions   {}", total.retrans);
+    println!("elapsed           {elapsed:.2} s");
+    println!(
+        "rate              {:.0} calls/s",
+        (total.ok + failed) as f64 / elapsed.max(1e-9)
+    );
+    let r = &total.rtd_us;
+    println!(
+        "response time     p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  ({} samples)",
+        pct(r, 0.5),
+        pct(r, 0.9),
+        pct(r, 0.99),
+        pct(r, 1.0),
+        r.len()
+    );
+    std::process::exit(if failed == 0 && total.ok == o.calls {
+        0
+    } else {
+        1
+    });
+}
