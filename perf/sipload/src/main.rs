@@ -7,7 +7,12 @@
 //! sipload HOST:PORT -sf SCENARIO.xml [-s SERVICE] [-i LOCAL_IP] [-p FIRST_PORT]
 //!         [-t THREADS] [-r CALLS_PER_S] [-m CALLS] [-l MAX_LIVE] [-d PAUSE_MS]
 //!         [-timeout S] [-inf FILE.csv]
+//! sipload -sf SERVER_SCENARIO.xml [-i LOCAL_IP] [-p PORT] [-m CALLS] [-timeout S]
 //! ```
+//!
+//! A scenario that starts with `<recv request=...>` is a server (a UAS): each request
+//! with a new Call-ID that matches its first step starts a call, and its responses go
+//! back to where the request came from; `-m` calls end the run (or `-timeout`).
 //!
 //! Exit status 0 when every call succeeded, 1 when some failed, 2 on a usage error.
 //! Bounded: at most `-m` calls and `-timeout` seconds (default 60).
@@ -108,10 +113,15 @@ fn parse_args() -> Opts {
             other => fail(format!("unknown option `{other}`\n{USAGE}")),
         }
     }
-    let remote = remote.unwrap_or_else(|| fail(USAGE));
     let sf = sf.unwrap_or_else(|| fail(format!("-sf SCENARIO.xml is needed\n{USAGE}")));
     let text = std::fs::read_to_string(&sf).unwrap_or_else(|e| fail(format!("{sf}: {e}")));
     let scenario = Scenario::parse(&text).unwrap_or_else(|e| fail(format!("{sf}: {e}")));
+    let remote = match remote {
+        Some(r) => r,
+        // A server answers whoever calls it.
+        None if scenario.is_server() => SocketAddr::from(([0, 0, 0, 0], 0)),
+        None => fail(USAGE),
+    };
     let fields = match inf {
         None => Vec::new(),
         Some(f) => {
@@ -177,6 +187,9 @@ struct Sent {
 
 struct Call {
     number: u64,
+    /// Where its messages go: the remote (client) or whoever sent its first request
+    /// (server).
+    peer: SocketAddr,
     call_id: String,
     step: usize,
     start: Instant,
@@ -331,7 +344,12 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
     let threads = o.threads as u64;
     // This thread makes calls index+1, index+1+T, ...
     let mine = (o.calls + threads - 1 - index as u64) / threads;
-    let rate = o.rate / threads as f64;
+    let rate = if o.scenario.is_server() {
+        0.0
+    } else {
+        o.rate / threads as f64
+    };
+    let mut served = 0u64;
     let mut made = 0u64;
     let mut calls: HashMap<String, Call> = HashMap::new();
     let mut report = Report::default();
@@ -349,12 +367,16 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
         }
         // New calls at the rate asked, within the limit of live calls.
         let due = ((now - t0).as_secs_f64() * rate) as u64 + 1;
-        while made < mine.min(due) && calls.len() < o.limit / o.threads + 1 {
+        while !o.scenario.is_server()
+            && made < mine.min(due)
+            && calls.len() < o.limit / o.threads + 1
+        {
             let number = made * threads + index as u64 + 1;
             made += 1;
             live.started.fetch_add(1, Ordering::Relaxed);
             let call = Call {
                 number,
+                peer: o.remote,
                 call_id: format!("{number}-{}@{}", ctx.pid, local.ip()),
                 step: 0,
                 start: now,
@@ -379,7 +401,7 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                 match &steps[c.step] {
                     Step::Send { template, retrans } => {
                         let bytes = render(template, c, c.step, &ctx);
-                        let _ = sock.send_to(&bytes, o.remote);
+                        let _ = sock.send_to(&bytes, c.peer);
                         let invite = bytes.starts_with(b"INVITE ");
                         c.sent = retrans.map(|ms| Sent {
                             bytes,
@@ -412,7 +434,7 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                                 ));
                                 break;
                             }
-                            let _ = sock.send_to(&s.bytes, o.remote);
+                            let _ = sock.send_to(&s.bytes, c.peer);
                             retransmit(s, now);
                             report.retrans += 1;
                             live.retrans.fetch_add(1, Ordering::Relaxed);
@@ -438,18 +460,53 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                 }
             }
         }
-        if made >= mine && calls.is_empty() {
+        let finished = if o.scenario.is_server() {
+            served >= mine
+        } else {
+            made >= mine
+        };
+        if finished && calls.is_empty() {
             break;
         }
         // Receive what came.
         let mut got = 0;
-        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
             got += 1;
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
             let Some(cid) = header_value(&text, "Call-ID").or_else(|| header_value(&text, "i"))
             else {
                 continue;
             };
+            // A server: a new call starts with a request matching the first step.
+            if !calls.contains_key(cid)
+                && o.scenario.is_server()
+                && served < mine
+                && let Some(Step::Recv {
+                    what: Expect::Request(m),
+                    ..
+                }) = steps.first()
+                && text.starts_with(&format!("{m} "))
+            {
+                served += 1;
+                live.started.fetch_add(1, Ordering::Relaxed);
+                calls.insert(
+                    cid.to_string(),
+                    Call {
+                        number: served * threads - (threads - 1 - index as u64),
+                        peer: from,
+                        call_id: cid.to_string(),
+                        step: 0,
+                        start: Instant::now(),
+                        last: String::new(),
+                        routes: String::new(),
+                        next_url: String::new(),
+                        peer_tag: String::new(),
+                        sent: None,
+                        pause_until: None,
+                        seen_codes: Vec::new(),
+                    },
+                );
+            }
             let Some(c) = calls.get_mut(cid) else {
                 continue;
             };
@@ -524,12 +581,17 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
             {
                 c.peer_tag = to[i + 5..].split(';').next().unwrap_or("").to_string();
             }
-            if let Some(x) = code {
-                c.seen_codes.push(x);
-                // A final response ends the retransmissions of the request.
-                if x >= 200 || c.sent.as_ref().is_some_and(|s| s.invite) {
-                    c.sent = None;
+            match code {
+                Some(x) => {
+                    c.seen_codes.push(x);
+                    // A final response ends the retransmissions of the request.
+                    if x >= 200 || c.sent.as_ref().is_some_and(|s| s.invite) {
+                        c.sent = None;
+                    }
                 }
+                // A server: the request it waited for (an ACK) ends the retransmissions
+                // of its response.
+                None => c.sent = None,
             }
             c.last = text;
             c.step = k + 1;

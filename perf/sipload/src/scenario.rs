@@ -100,6 +100,11 @@ fn message(cdata: &str) -> String {
 }
 
 impl Scenario {
+    /// A server scenario: it starts by waiting for a request (a UAS).
+    pub fn is_server(&self) -> bool {
+        matches!(self.steps.first(), Some(Step::Recv { .. }))
+    }
+
     /// Parses the text of a scenario file.
     pub fn parse(text: &str) -> Result<Scenario, ParseError> {
         let mut steps = Vec::new();
@@ -185,11 +190,18 @@ impl Scenario {
                 "no <send>, <recv> or <pause> in the scenario".into(),
             ));
         }
-        if !matches!(steps[0], Step::Send { .. }) {
-            return Err(ParseError(
-                "the scenario does not start with a <send> (server scenarios are not supported yet)"
-                    .into(),
-            ));
+        match &steps[0] {
+            Step::Send { .. } => {}
+            Step::Recv {
+                what: Expect::Request(_),
+                ..
+            } => {}
+            _ => {
+                return Err(ParseError(
+                    "a scenario starts with a <send> (client) or a <recv request=...> (server)"
+                        .into(),
+                ));
+            }
         }
         Ok(Scenario { name, steps })
     }
@@ -260,8 +272,17 @@ mod tests {
     #[test]
     fn errors_say_what_is_wrong() {
         assert!(Scenario::parse("<scenario></scenario>").is_err());
-        let e = Scenario::parse("<scenario><recv request=\"INVITE\"/></scenario>").unwrap_err();
-        assert!(e.0.contains("server scenarios"), "{e}");
+        let e = Scenario::parse("<scenario><recv response=\"200\"/></scenario>").unwrap_err();
+        assert!(e.0.contains("starts with"), "{e}");
+        let s = Scenario::parse(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../profiles/call-uas.xml"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(s.is_server());
         let e = Scenario::parse("<scenario><send retrans=\"x\"><![CDATA[A]]></send></scenario>")
             .unwrap_err();
         assert!(e.0.contains("retrans"), "{e}");

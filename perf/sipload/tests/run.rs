@@ -69,3 +69,54 @@ fn sipload_runs_the_register_and_options_profiles_with_no_failure() {
     let r = sipload(&sipd, "options.xml", 6310, 3000, 3000);
     assert_eq!(value(&r, "successful"), "3000", "{r}");
 }
+
+#[test]
+fn sipload_plays_both_sides_of_calls_through_the_proxy() {
+    let sipd = Sipd::start(TEST_CONFIG, &[]);
+    // The callee registers from the port its sipload will answer on.
+    let uas = std::net::SocketAddr::new(client_ip().into(), 6390);
+    {
+        let sock = std::net::UdpSocket::bind(uas).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let contact = format!("Contact: <sip:bob@{uas}>");
+        let reg = sipmesh_tests::register(uas, "UDP", "bob", "bob-reg", 1, &[&contact]);
+        sock.send_to(reg.as_bytes(), sipd.addr).unwrap();
+        let mut buf = [0u8; 4096];
+        let (n, _) = sock.recv_from(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"SIP/2.0 200"));
+    }
+    let profiles = repo_root().join("perf/profiles");
+    let callee = Command::new(env!("CARGO_BIN_EXE_sipload"))
+        .args(["-sf", profiles.join("call-uas.xml").to_str().unwrap()])
+        .args(["-i", &uas.ip().to_string(), "-p", "6390", "-t", "1"])
+        .args(["-m", "500", "-timeout", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = Command::new(env!("CARGO_BIN_EXE_sipload"))
+        .arg(sipd.addr.to_string())
+        .args(["-sf", profiles.join("call-uac.xml").to_str().unwrap()])
+        .args([
+            "-s",
+            "bob",
+            "-i",
+            &client_ip().to_string(),
+            "-p",
+            "6380",
+            "-t",
+            "2",
+        ])
+        .args(["-m", "500", "-r", "250", "-d", "100", "-timeout", "60"])
+        .output()
+        .unwrap();
+    let caller = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{caller}");
+    assert_eq!(value(&caller, "successful"), "500", "{caller}");
+    let callee = callee.wait_with_output().unwrap();
+    let callee = String::from_utf8_lossy(&callee.stdout).into_owned();
+    assert_eq!(value(&callee, "successful"), "500", "{callee}");
+    assert_eq!(value(&callee, "failed"), "0", "{callee}");
+}
