@@ -268,6 +268,16 @@ fn dialogs_replicate_and_a_peer_ends_a_call_after_its_node_died() {
             .then(|| d["dialogs"][0]["id"].as_str().unwrap().to_string())
     })
     .expect("replicated");
+    // A node that joins now learns the live call from its full sync.
+    let n3 = Sipd::start(TEST_CONFIG, &["--node-id", "3", "--join", &j1]);
+    let synced = wait_for(Duration::from_secs(15), || {
+        let d = n3.sipctl_json(&["dialog", "list"]);
+        (n3.usrloc_status()["state"] == "synced" && d["total"] == 1).then_some(d)
+    })
+    .expect("node 3 synced with the live call");
+    assert_eq!(synced["dialogs"][0]["call_id"], call_id.as_str());
+    assert_eq!(n3.sipctl_json(&["profile", "get", "calls"])["total"], 1);
+    drop(n3);
     let mut n1 = n1;
     n1.kill9();
     assert!(

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use sipmesh_cluster::change::{Change, ChangeRecord, ChangeRef};
+use sipmesh_cluster::change::{Change, ChangeRecord, ChangeRecordRef, ChangeRef};
 use sipmesh_cluster::ring::{ChangeConsumer, ChangeProducer};
 use sipmesh_cluster::usrloc::{Applied, Usrloc};
 use sipmesh_cluster::{Digest, NodeId};
@@ -949,12 +949,10 @@ async fn fetch_snapshot(
                 if let Err(e) = convert::check_frames(&r.records, r.count) {
                     return fail(e.0);
                 }
-                let usrloc = shared.usrloc.clone();
-                let persist = shared.persist.clone();
-                let applied = tokio::task::spawn_blocking(move || {
-                    apply_snapshot_chunk(&usrloc, &r.records, persist.as_ref())
-                })
-                .await;
+                let sh = shared.clone();
+                let applied =
+                    tokio::task::spawn_blocking(move || apply_snapshot_chunk(&sh, &r.records))
+                        .await;
                 match applied {
                     Ok(Ok(d)) => digest.merge(d),
                     Ok(Err(e)) => return fail(e),
@@ -982,21 +980,23 @@ async fn fetch_snapshot(
     }
 }
 
-/// Applies one chunk of snapshot records; returns the digest of what it held.
-fn apply_snapshot_chunk(
-    usrloc: &Usrloc,
-    records: &[u8],
-    persist: Option<&PersistSender>,
-) -> Result<Digest, String> {
+/// Applies one chunk of snapshot records; returns the digest of the bindings it held
+/// (the live calls that follow them are taken as they come, not counted).
+fn apply_snapshot_chunk(shared: &Shared, records: &[u8]) -> Result<Digest, String> {
+    let (usrloc, persist) = (&shared.usrloc, shared.persist.as_ref());
     let mut d = Digest::default();
     let mut applied = BytesMut::new();
     for f in convert::frames(records) {
         let (rec, _) = ChangeRecord::decode_from_slice(f).map_err(|e| format!("record: {e}"))?;
         match rec.change.as_ref() {
             ChangeRef::BindingUpsert { aor, binding } => d.add(aor, binding),
-            ChangeRef::BindingRemove { .. }
-            | ChangeRef::DialogUpsert { .. }
-            | ChangeRef::DialogEnd { .. } => return Err("a snapshot holds only bindings".into()),
+            ChangeRef::DialogUpsert { .. } => {
+                apply_dialog(shared, &rec);
+                continue;
+            }
+            ChangeRef::BindingRemove { .. } | ChangeRef::DialogEnd { .. } => {
+                return Err("a snapshot holds only bindings and live calls".into());
+            }
         }
         if usrloc.apply_remote(&rec) != Applied::Kept && persist.is_some() {
             applied.put_u32_le(f.len() as u32);
@@ -1010,9 +1010,12 @@ fn apply_snapshot_chunk(
 }
 
 /// Donor side: walks the table (weakly consistent while writes go on) into framed chunks
-/// sent on `tx`, then the count and digest of exactly what was sent.
+/// sent on `tx`, then the count and digest of exactly what was sent; the live calls
+/// (`dialogs`) follow the bindings, outside the count (they come and go too fast to
+/// verify).
 pub(crate) fn walk_snapshot(
     usrloc: &Usrloc,
+    dialogs: Option<&DialogTable>,
     since: u64,
     tx: &mpsc::Sender<Result<pb::SnapshotChunk, tonic::Status>>,
 ) {
@@ -1055,6 +1058,28 @@ pub(crate) fn walk_snapshot(
             send(&mut buf, &mut count, &mut closed);
         }
     });
+    if let Some(t) = dialogs {
+        t.for_each(|key, d| {
+            if closed || d.version <= since {
+                return;
+            }
+            let rec = ChangeRecordRef {
+                origin: d.origin,
+                version: d.version,
+                at_ms: d.created_ms,
+                change: ChangeRef::DialogUpsert { key, dialog: d },
+            };
+            if rec.encode_into_vec(&mut scratch).is_err() {
+                return;
+            }
+            buf.extend_from_slice(&(scratch.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&scratch);
+            count += 1;
+            if buf.len() >= SNAPSHOT_CHUNK_BYTES {
+                send(&mut buf, &mut count, &mut closed);
+            }
+        });
+    }
     send(&mut buf, &mut count, &mut closed);
     if !closed {
         let _ = tx.blocking_send(Ok(pb::SnapshotChunk {
