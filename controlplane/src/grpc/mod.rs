@@ -1058,9 +1058,10 @@ pub(crate) fn walk_snapshot(
             send(&mut buf, &mut count, &mut closed);
         }
     });
+    // Every live call, whatever `since` says: dialogs are not on the receiver's disk.
     if let Some(t) = dialogs {
         t.for_each(|key, d| {
-            if closed || d.version <= since {
+            if closed {
                 return;
             }
             let rec = ChangeRecordRef {
