@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use sipmesh_cluster::ring::pop_bytes;
+
 use crate::config::CdrConfig;
 
 /// Counters of the writer.
@@ -100,25 +102,6 @@ impl Out {
     }
 }
 
-/// Pops one framed line (u32 LE length, then the line) from `c` into `buf`.
-fn pop(c: &mut rtrb::Consumer<u8>, buf: &mut Vec<u8>) -> bool {
-    let Ok(h) = c.read_chunk(4) else { return false };
-    let (a, b) = h.as_slices();
-    let mut l = [0u8; 4];
-    for (d, s) in l.iter_mut().zip(a.iter().chain(b)) {
-        *d = *s;
-    }
-    let n = u32::from_le_bytes(l) as usize;
-    let Ok(chunk) = c.read_chunk(4 + n) else {
-        return false;
-    };
-    let (a, b) = chunk.as_slices();
-    buf.clear();
-    buf.extend(a.iter().chain(b).skip(4));
-    chunk.commit_all();
-    true
-}
-
 impl CdrWriter {
     /// Starts the writer on the workers' rings; it stops after `done` is set and the
     /// rings are drained.
@@ -143,7 +126,7 @@ impl CdrWriter {
                     let stopping = done.load(Ordering::SeqCst);
                     let mut n = 0;
                     for r in &mut rings {
-                        while pop(r, &mut line) {
+                        while pop_bytes(r, &mut line) {
                             n += 1;
                             if cfg.enabled {
                                 out.write(&line, &cfg, &st);
@@ -184,13 +167,7 @@ mod tests {
     use super::*;
 
     fn push(p: &mut rtrb::Producer<u8>, line: &[u8]) {
-        let mut c = p.write_chunk(4 + line.len()).unwrap();
-        let (a, b) = c.as_mut_slices();
-        let len = (line.len() as u32).to_le_bytes();
-        for (x, v) in a.iter_mut().chain(b.iter_mut()).zip(len.iter().chain(line)) {
-            *x = *v;
-        }
-        c.commit_all();
+        assert!(sipmesh_cluster::ring::push_bytes(p, &[line]));
     }
 
     #[test]

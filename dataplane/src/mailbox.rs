@@ -6,11 +6,13 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
+use sipmesh_cluster::ring::{pop_bytes, push_bytes};
+
 use crate::io::{Source, Transport};
 
-/// Bytes of a frame's header: length u32, remote (family, 16 address octets, port),
-/// local (same), transport.
-const HEADER: usize = 4 + 2 * 19 + 1;
+/// Bytes in front of each message (after the ring's length): remote (family, 16 address
+/// octets, port), local (same), transport.
+const HEADER: usize = 2 * 19 + 1;
 
 /// One worker's mailbox: rings to every other worker and from every other worker.
 pub struct Mailbox {
@@ -79,27 +81,17 @@ impl Mailbox {
         let Some(Some(p)) = self.to.get_mut(to as usize) else {
             return false;
         };
-        let need = HEADER + msg.len();
-        let Ok(mut chunk) = p.write_chunk(need) else {
-            self.full += 1;
-            return false;
-        };
         let mut head = [0u8; HEADER];
-        head[..4].copy_from_slice(&(msg.len() as u32).to_le_bytes());
-        put_addr(&mut head[4..23], src.remote);
-        put_addr(&mut head[23..42], src.local);
-        head[42] = match src.transport {
+        put_addr(&mut head[..19], src.remote);
+        put_addr(&mut head[19..38], src.local);
+        head[38] = match src.transport {
             Transport::Udp => 0,
             Transport::Tcp => 1,
         };
-        let (a, b) = chunk.as_mut_slices();
-        let mut bytes = head.iter().chain(msg.iter());
-        for x in a.iter_mut().chain(b.iter_mut()) {
-            if let Some(&v) = bytes.next() {
-                *x = v;
-            }
+        if !push_bytes(p, &[&head, msg]) {
+            self.full += 1;
+            return false;
         }
-        chunk.commit_all();
         true
     }
 
@@ -107,24 +99,13 @@ impl Mailbox {
     /// Returns false when every ring is empty.
     pub fn recv(&mut self, f: impl FnOnce(&[u8], &Source)) -> bool {
         for c in &mut self.from {
-            let Ok(h) = c.read_chunk(4) else { continue };
-            let (a, b) = h.as_slices();
-            let mut len = [0u8; 4];
-            for (d, s) in len.iter_mut().zip(a.iter().chain(b)) {
-                *d = *s;
-            }
-            let len = u32::from_le_bytes(len) as usize;
-            let Ok(chunk) = c.read_chunk(HEADER + len) else {
+            if !pop_bytes(c, &mut self.scratch) || self.scratch.len() < HEADER {
                 continue;
-            };
-            let (a, b) = chunk.as_slices();
-            self.scratch.clear();
-            self.scratch.extend(a.iter().chain(b));
-            chunk.commit_all();
+            }
             let src = Source {
-                remote: get_addr(&self.scratch[4..23]),
-                local: get_addr(&self.scratch[23..42]),
-                transport: if self.scratch[42] == 1 {
+                remote: get_addr(&self.scratch[..19]),
+                local: get_addr(&self.scratch[19..38]),
+                transport: if self.scratch[38] == 1 {
                     Transport::Tcp
                 } else {
                     Transport::Udp

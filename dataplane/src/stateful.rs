@@ -30,9 +30,9 @@ use crate::txn::{Action, Event, Kind, Reliability, TimerConfig, Transaction};
 use sipmesh_cluster::NodeId;
 use sipmesh_cluster::change::{ChangeRecordRef, ChangeRef, next_version};
 use sipmesh_cluster::dialog::{
-    Dialog, DialogState, DialogTable, EndReason, Legs, Party, Profiles, dialog_key, push_cdr,
+    Dialog, DialogState, DialogTable, EndReason, Legs, Party, Profiles, dialog_key,
 };
-use sipmesh_cluster::ring::ChangeProducer;
+use sipmesh_cluster::ring::{ChangeProducer, pop_bytes, push_bytes};
 
 /// The URI of the first Contact of `m`.
 fn first_contact<'a>(m: &Message<'a>) -> Option<&'a [u8]> {
@@ -101,17 +101,7 @@ pub fn ping_rounds_due(answered_ms: u64, now: Millis, interval: u64) -> u32 {
 
 /// Frames an order to end the call of `key` into `p`; false when the ring is full.
 pub fn push_end_order(p: &mut rtrb::Producer<u8>, reason: u8, key: &[u8]) -> bool {
-    let len = (key.len() as u32 + 1).to_le_bytes();
-    let Ok(mut chunk) = p.write_chunk(5 + key.len()) else {
-        return false;
-    };
-    let (a, b) = chunk.as_mut_slices();
-    let head = [len[0], len[1], len[2], len[3], reason];
-    for (x, v) in a.iter_mut().chain(b.iter_mut()).zip(head.iter().chain(key)) {
-        *x = *v;
-    }
-    chunk.commit_all();
-    true
+    push_bytes(p, &[&[reason], key])
 }
 
 /// Counters.
@@ -706,7 +696,7 @@ impl Proxy {
             return;
         }
         d.cdr_line(self.node, &mut self.cdr);
-        if push_cdr(&mut share.cdrs, &self.cdr) {
+        if push_bytes(&mut share.cdrs, &[&self.cdr]) {
             self.stats.cdrs.fetch_add(1, Relaxed);
         } else {
             self.stats.cdrs_dropped.fetch_add(1, Relaxed);
@@ -1436,22 +1426,9 @@ impl Proxy {
             let Some(share) = self.dialogs.as_mut() else {
                 return;
             };
-            let Ok(h) = share.orders.read_chunk(4) else {
+            if !pop_bytes(&mut share.orders, &mut key) {
                 return;
-            };
-            let (a, b) = h.as_slices();
-            let mut l = [0u8; 4];
-            for (d, s) in l.iter_mut().zip(a.iter().chain(b)) {
-                *d = *s;
             }
-            let n = u32::from_le_bytes(l) as usize;
-            let Ok(chunk) = share.orders.read_chunk(4 + n) else {
-                return;
-            };
-            let (a, b) = chunk.as_slices();
-            key.clear();
-            key.extend(a.iter().chain(b).skip(4));
-            chunk.commit_all();
             let Some((&reason, k)) = key.split_first() else {
                 continue;
             };

@@ -445,17 +445,8 @@ fn dialog_harness() -> (
 
 fn cdrs(c: &mut rtrb::Consumer<u8>) -> Vec<serde_json::Value> {
     let mut v = Vec::new();
-    while let Ok(h) = c.read_chunk(4) {
-        let (a, b) = h.as_slices();
-        let mut l = [0u8; 4];
-        for (d, s) in l.iter_mut().zip(a.iter().chain(b)) {
-            *d = *s;
-        }
-        let n = u32::from_le_bytes(l) as usize;
-        let chunk = c.read_chunk(4 + n).unwrap();
-        let (a, b) = chunk.as_slices();
-        let bytes: Vec<u8> = a.iter().chain(b).skip(4).copied().collect();
-        chunk.commit_all();
+    let mut bytes = Vec::new();
+    while sipmesh_cluster::ring::pop_bytes(c, &mut bytes) {
         assert_eq!(bytes.last(), Some(&b'\n'), "one JSON line");
         v.push(serde_json::from_slice(&bytes).unwrap());
     }

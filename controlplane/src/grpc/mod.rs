@@ -855,7 +855,7 @@ fn apply_dialog(shared: &Shared, rec: &ChangeRecord) {
     {
         let mut line = Vec::with_capacity(512);
         d.cdr_line(shared.me.0, &mut line);
-        let _ = sipmesh_cluster::dialog::push_cdr(&mut ring, &line);
+        let _ = sipmesh_cluster::ring::push_bytes(&mut ring, &[&line]);
     }
 }
 
@@ -1041,15 +1041,10 @@ pub(crate) fn walk_snapshot(
             *closed = true;
         }
     };
-    usrloc.snapshot_records(|rec| {
-        if closed || rec.version <= since {
-            return;
-        }
-        if let ChangeRef::BindingUpsert { aor, binding } = rec.change {
-            digest.add(aor, binding);
-        }
+    // One record into the current chunk, the chunk out when full.
+    let mut add = |rec: ChangeRecordRef<'_>| {
         if rec.encode_into_vec(&mut scratch).is_err() {
-            return;
+            return !closed;
         }
         buf.extend_from_slice(&(scratch.len() as u32).to_le_bytes());
         buf.extend_from_slice(&scratch);
@@ -1057,27 +1052,28 @@ pub(crate) fn walk_snapshot(
         if buf.len() >= SNAPSHOT_CHUNK_BYTES {
             send(&mut buf, &mut count, &mut closed);
         }
+        !closed
+    };
+    let mut open = true;
+    usrloc.snapshot_records(|rec| {
+        if !open || rec.version <= since {
+            return;
+        }
+        if let ChangeRef::BindingUpsert { aor, binding } = rec.change {
+            digest.add(aor, binding);
+        }
+        open = add(rec);
     });
     // Every live call, whatever `since` says: dialogs are not on the receiver's disk.
     if let Some(t) = dialogs {
         t.for_each(|key, d| {
-            if closed {
-                return;
-            }
-            let rec = ChangeRecordRef {
-                origin: d.origin,
-                version: d.version,
-                at_ms: d.created_ms,
-                change: ChangeRef::DialogUpsert { key, dialog: d },
-            };
-            if rec.encode_into_vec(&mut scratch).is_err() {
-                return;
-            }
-            buf.extend_from_slice(&(scratch.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&scratch);
-            count += 1;
-            if buf.len() >= SNAPSHOT_CHUNK_BYTES {
-                send(&mut buf, &mut count, &mut closed);
+            if open {
+                open = add(ChangeRecordRef {
+                    origin: d.origin,
+                    version: d.version,
+                    at_ms: d.created_ms,
+                    change: ChangeRef::DialogUpsert { key, dialog: d },
+                });
             }
         });
     }

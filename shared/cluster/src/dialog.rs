@@ -391,21 +391,6 @@ impl Dialog {
     }
 }
 
-/// Frames a CDR line (u32 LE length, the line) into the CDR writer's ring `p`; false
-/// when it is full.
-pub fn push_cdr(p: &mut rtrb::Producer<u8>, line: &[u8]) -> bool {
-    let len = (line.len() as u32).to_le_bytes();
-    let Ok(mut chunk) = p.write_chunk(4 + line.len()) else {
-        return false;
-    };
-    let (a, b) = chunk.as_mut_slices();
-    for (x, v) in a.iter_mut().chain(b.iter_mut()).zip(len.iter().chain(line)) {
-        *x = *v;
-    }
-    chunk.commit_all();
-    true
-}
-
 /// The key of a dialog: Call-ID, a zero octet, the caller's tag.
 pub fn dialog_key(call_id: &[u8], from_tag: &[u8], out: &mut Vec<u8>) {
     out.clear();

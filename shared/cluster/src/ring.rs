@@ -91,6 +91,54 @@ impl RingStats {
     }
 }
 
+/// Appends one frame to a byte ring: a `u32` LE length, then `parts` one after the
+/// other, published whole. False (nothing written) when the ring lacks room. The framing
+/// of every byte ring between threads (CDR lines, dialog orders, worker mailboxes);
+/// never allocates.
+pub fn push_bytes(p: &mut rtrb::Producer<u8>, parts: &[&[u8]]) -> bool {
+    let len: usize = parts.iter().map(|x| x.len()).sum();
+    let Ok(len32) = u32::try_from(len) else {
+        return false;
+    };
+    let Ok(mut chunk) = p.write_chunk(FRAME_HEADER + len) else {
+        return false;
+    };
+    let (a, b) = chunk.as_mut_slices();
+    let head = len32.to_le_bytes();
+    let bytes = parts.iter().flat_map(|x| x.iter());
+    for (x, v) in a
+        .iter_mut()
+        .chain(b.iter_mut())
+        .zip(head.iter().chain(bytes))
+    {
+        *x = *v;
+    }
+    chunk.commit_all();
+    true
+}
+
+/// Takes the next frame of [`push_bytes`] into `out` (cleared first); false when the
+/// ring holds no complete frame. Allocates only while `out` grows.
+pub fn pop_bytes(c: &mut rtrb::Consumer<u8>, out: &mut Vec<u8>) -> bool {
+    let Ok(h) = c.read_chunk(FRAME_HEADER) else {
+        return false;
+    };
+    let (a, b) = h.as_slices();
+    let mut l = [0u8; FRAME_HEADER];
+    for (d, s) in l.iter_mut().zip(a.iter().chain(b)) {
+        *d = *s;
+    }
+    let n = u32::from_le_bytes(l) as usize;
+    let Ok(chunk) = c.read_chunk(FRAME_HEADER + n) else {
+        return false;
+    };
+    let (a, b) = chunk.as_slices();
+    out.clear();
+    out.extend(a.iter().chain(b).skip(FRAME_HEADER));
+    chunk.commit_all();
+    true
+}
+
 /// Creates a ring of `capacity_bytes` bytes (allocated once, here).
 pub fn change_ring(capacity_bytes: usize) -> (ChangeProducer, ChangeConsumer) {
     let (tx, rx) = rtrb::RingBuffer::new(capacity_bytes);
