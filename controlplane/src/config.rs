@@ -30,6 +30,7 @@ struct FileConfig {
     registrar: RegistrarSection,
     proxy: ProxySection,
     dialog: DialogSection,
+    presence: PresenceSection,
     cdr: CdrSection,
     nat: NatSection,
     store: StoreSection,
@@ -89,6 +90,16 @@ struct DialogSection {
     lifetime_s: u64,
     ping_interval_s: u64,
     profiles: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceSection {
+    enabled: bool,
+    min_expires: u32,
+    max_expires: u32,
+    default_expires: u32,
+    max_watchers: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -338,6 +349,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub nat: NatConfig,
     pub proxy: ProxySettings,
+    /// The presence server (None: off; PUBLISH and SUBSCRIBE are routed).
+    pub presence: Option<sipmesh_dataplane::presence::PresenceConfig>,
     pub cdr: CdrConfig,
     pub node_id: u16,
     pub cluster: ClusterConfig,
@@ -856,6 +869,36 @@ impl Config {
         if f.dialog.ping_interval_s > 86_400 {
             return Err(err("dialog.ping_interval_s", "must be at most 86400"));
         }
+        let ps = &f.presence;
+        if ps.enabled && !p.enabled {
+            return Err(err(
+                "presence.enabled",
+                "needs proxy.enabled = true (NOTIFYs are client transactions of the proxy)",
+            ));
+        }
+        if ps.min_expires == 0 || ps.min_expires > ps.max_expires {
+            return Err(err(
+                "presence.min_expires",
+                "must be at least 1 and at most presence.max_expires",
+            ));
+        }
+        if ps.default_expires < ps.min_expires || ps.default_expires > ps.max_expires {
+            return Err(err(
+                "presence.default_expires",
+                "must be between presence.min_expires and presence.max_expires",
+            ));
+        }
+        if ps.max_watchers == 0 {
+            return Err(err("presence.max_watchers", "must be at least 1"));
+        }
+        let presence = ps
+            .enabled
+            .then(|| sipmesh_dataplane::presence::PresenceConfig {
+                min_expires: ps.min_expires,
+                max_expires: ps.max_expires,
+                default_expires: ps.default_expires,
+                max_watchers: ps.max_watchers,
+            });
         let proxy = ProxySettings {
             dialog_ping_ms: f.dialog.ping_interval_s * 1000,
             serial_forking,
@@ -874,6 +917,7 @@ impl Config {
             store,
             nat,
             proxy,
+            presence,
             cdr,
             node_id: f.node.id,
             cluster,

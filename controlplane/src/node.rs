@@ -24,7 +24,9 @@ use crate::grpc::{
     Attached, ControlOptions, ControlPlane, ControlStats, DialogAttach, KeepaliveAttach,
 };
 use sipmesh_cluster::dialog::{DialogTable, Profiles};
+use sipmesh_cluster::presence::PresenceTable;
 use sipmesh_dataplane::mailbox::mailboxes;
+use sipmesh_dataplane::presence::{PresenceShare, PresenceStats};
 use sipmesh_dataplane::stateful::{DialogShare, Proxy, ProxyConfig, ProxyStats};
 
 use crate::cdr::CdrWriter;
@@ -182,6 +184,18 @@ impl Node {
                 })
                 .collect::<Vec<_>>(),
         ));
+        // And their presence changes: one more ring each.
+        let presence_changes = Arc::new(Mutex::new(
+            (0..n)
+                .map(|_| {
+                    let (p, c) = change_ring(config.change_ring_bytes);
+                    consumers.push(c);
+                    Some(p)
+                })
+                .collect::<Vec<_>>(),
+        ));
+        let presence = Arc::new(PresenceTable::new(4096));
+        let presence_stats: Vec<Arc<PresenceStats>> = (0..n).map(|_| Arc::default()).collect();
         let producers: Arc<Mutex<Vec<Option<ChangeProducer>>>> = Arc::new(Mutex::new(producers));
         // NAT keepalives: the control plane schedules, each worker sends from its ring.
         let acks = Arc::new(Acks::new(config.nat.max_tracked, {
@@ -257,6 +271,12 @@ impl Node {
                 (dialogs.clone(), cdr_tx.clone(), dialog_orders.clone());
             let profiles = profiles.clone();
             let dialog_changes = dialog_changes.clone();
+            let (presence, presence_changes, presence_stats, presence_cfg) = (
+                presence.clone(),
+                presence_changes.clone(),
+                presence_stats.clone(),
+                config.presence.clone(),
+            );
             move |i: usize| {
                 // Start-up only: each worker takes its ring's producing half once.
                 let producer = producers
@@ -301,44 +321,56 @@ impl Node {
                         .ok()
                         .and_then(|mut v| v.get_mut(i).and_then(Option::take))
                         .expect("one mailbox per worker");
-                    core.with_proxy(
-                        Proxy::new(
-                            ProxyConfig {
-                                timers: proxy_cfg.timers,
-                                local: ping_from,
-                                record_route: proxy_cfg.record_route,
-                                dialog_lifetime_ms: proxy_cfg.dialog_lifetime_ms,
-                                dialog_ping_ms: proxy_cfg.dialog_ping_ms,
-                                serial_forking: proxy_cfg.serial_forking,
-                            },
-                            keys.clone(),
-                            node.0,
-                            i as u16,
-                            io::now_millis(),
-                            proxy_stats[i].clone(),
-                        )
-                        .with_dialogs(DialogShare {
-                            table: dialogs.clone(),
-                            cdrs: cdr_tx
-                                .lock()
-                                .ok()
-                                .and_then(|mut v| v.get_mut(i).and_then(Option::take))
-                                .expect("one CDR ring per worker"),
-                            segment: segment.clone(),
-                            profiles: profiles.clone(),
-                            changes: dialog_changes
-                                .lock()
-                                .ok()
-                                .and_then(|mut v| v.get_mut(i).and_then(Option::take))
-                                .expect("one dialog change ring per worker"),
-                            orders: dialog_orders
-                                .lock()
-                                .ok()
-                                .and_then(|mut v| v.get_mut(i).and_then(Option::take))
-                                .expect("one dialog order ring per worker"),
-                        }),
+                    let proxy = Proxy::new(
+                        ProxyConfig {
+                            timers: proxy_cfg.timers,
+                            local: ping_from,
+                            record_route: proxy_cfg.record_route,
+                            dialog_lifetime_ms: proxy_cfg.dialog_lifetime_ms,
+                            dialog_ping_ms: proxy_cfg.dialog_ping_ms,
+                            serial_forking: proxy_cfg.serial_forking,
+                        },
+                        keys.clone(),
+                        node.0,
+                        i as u16,
+                        io::now_millis(),
+                        proxy_stats[i].clone(),
                     )
-                    .with_mailbox(mb)
+                    .with_dialogs(DialogShare {
+                        table: dialogs.clone(),
+                        cdrs: cdr_tx
+                            .lock()
+                            .ok()
+                            .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+                            .expect("one CDR ring per worker"),
+                        segment: segment.clone(),
+                        profiles: profiles.clone(),
+                        changes: dialog_changes
+                            .lock()
+                            .ok()
+                            .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+                            .expect("one dialog change ring per worker"),
+                        orders: dialog_orders
+                            .lock()
+                            .ok()
+                            .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+                            .expect("one dialog order ring per worker"),
+                    });
+                    let proxy = match &presence_cfg {
+                        Some(pc) => proxy.with_presence(PresenceShare {
+                            table: presence.clone(),
+                            changes: presence_changes
+                                .lock()
+                                .ok()
+                                .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+                                .expect("one presence change ring per worker"),
+                            segment: segment.clone(),
+                            config: pc.clone(),
+                            stats: presence_stats[i].clone(),
+                        }),
+                        None => proxy,
+                    };
+                    core.with_proxy(proxy).with_mailbox(mb)
                 } else {
                     core
                 };
@@ -377,6 +409,7 @@ impl Node {
                     end_orders: end_tx,
                     profiles: profiles.clone(),
                     cdrs: cdr_control,
+                    presence: config.presence.is_some().then(|| presence.clone()),
                 }),
                 keepalive: Some(KeepaliveAttach {
                     orders: order_tx,
@@ -484,6 +517,44 @@ pub fn format_change(rec: &ChangeRecord) -> String {
             dialog.id,
             dialog.state.as_str(),
             s(&dialog.call_id),
+        ),
+        Change::PublishUpsert {
+            key,
+            replaces,
+            publication,
+        } => format!(
+            "change origin={} version={} at_ms={} op=publish presentity={} etag={} replaces={} expires_ms={}",
+            rec.origin.0,
+            rec.version,
+            rec.at_ms,
+            s(key),
+            s(&publication.etag),
+            s(replaces),
+            publication.expires_ms,
+        ),
+        Change::PublishRemove { key, etag, reason } => format!(
+            "change origin={} version={} at_ms={} op=unpublish presentity={} etag={} reason={:?}",
+            rec.origin.0,
+            rec.version,
+            rec.at_ms,
+            s(key),
+            s(etag),
+            reason,
+        ),
+        Change::WatcherUpsert { watcher, .. } | Change::WatcherEnd { watcher, .. } => format!(
+            "change origin={} version={} at_ms={} op={} watcher={:016x} presentity={} from={} expires_ms={}",
+            rec.origin.0,
+            rec.version,
+            rec.at_ms,
+            if matches!(rec.change, Change::WatcherEnd { .. }) {
+                "watcher-end"
+            } else {
+                "watcher"
+            },
+            watcher.id,
+            s(&watcher.presentity),
+            s(&watcher.watcher_uri),
+            watcher.expires_ms,
         ),
     }
 }

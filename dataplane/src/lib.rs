@@ -7,6 +7,7 @@ pub mod durable;
 pub mod io;
 pub mod mailbox;
 pub mod pinger;
+pub mod presence;
 pub mod proxy;
 pub mod registrar;
 pub mod stateful;

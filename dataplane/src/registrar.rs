@@ -333,7 +333,7 @@ impl Registrar {
 
     /// Canonical AoR of a SIP URI: unescaped user, '@', lower-case host. Escaped NULs
     /// stay in the key (RFC 4475 §3.1.1.4): an AoR is never truncated.
-    fn canonical_aor(out: &mut Vec<u8>, uri: &Uri<'_>) -> bool {
+    pub(crate) fn canonical_aor(out: &mut Vec<u8>, uri: &Uri<'_>) -> bool {
         out.clear();
         if let Some(user) = uri.user {
             out.extend(unescaped(user));

@@ -146,7 +146,7 @@ pub enum ResponseFate {
     NotOurs,
 }
 
-struct ServerCtx {
+pub(crate) struct ServerCtx {
     /// The request as received: our own responses to it (408, 487) are built from it.
     request: Vec<u8>,
     /// Where responses go.
@@ -166,7 +166,7 @@ struct ServerCtx {
     rest: Vec<Target>,
 }
 
-struct ClientCtx {
+pub(crate) struct ClientCtx {
     parent: TxId,
     index: usize,
     /// The request as sent (retransmissions, CANCEL, ACK).
@@ -176,16 +176,33 @@ struct ClientCtx {
     cancel: Option<TxId>,
 }
 
-enum Ctx {
+pub(crate) enum Ctx {
     Server(Box<ServerCtx>),
     Client(ClientCtx),
-    /// A request of our own (a CANCEL, a BYE ending a call, an in-dialog ping): its
-    /// bytes and where; a ping names its dialog.
+    /// A request of our own (a CANCEL, a BYE ending a call, an in-dialog ping, a
+    /// NOTIFY): its bytes, where, and what its failure means.
     Own {
         request: Vec<u8>,
         dest: SocketAddr,
-        ping: Option<Vec<u8>>,
+        purpose: Purpose,
     },
+    /// A request the node answered itself (PUBLISH, SUBSCRIBE): its final response,
+    /// sent again to a retransmission (RFC 3261 §17.2.2).
+    Local {
+        response: Vec<u8>,
+        upstream: Dest,
+    },
+}
+
+/// What the outcome of a request of our own matters to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Nothing.
+    None,
+    /// An in-dialog ping of the call of this key: 481 or no answer ends the call.
+    Ping(Vec<u8>),
+    /// A NOTIFY to the watcher of this key: 481 or no answer removes the watcher.
+    Notify(Vec<u8>),
 }
 
 #[derive(Clone)]
@@ -211,24 +228,28 @@ impl Target {
 
 /// One worker's proxy.
 pub struct Proxy {
-    cfg: ProxyConfig,
+    pub(crate) cfg: ProxyConfig,
     keys: Arc<Keys>,
-    node: u16,
-    worker: u16,
-    txns: TxTable<Ctx>,
-    stats: Arc<ProxyStats>,
+    pub(crate) node: u16,
+    pub(crate) worker: u16,
+    pub(crate) txns: TxTable<Ctx>,
+    pub(crate) stats: Arc<ProxyStats>,
     rr: Vec<u8>,
     buf: Vec<u8>,
     targets: Vec<Target>,
     fired: Vec<(TxId, Action)>,
     ended: Vec<(TxId, Ctx)>,
-    dialogs: Option<DialogShare>,
+    pub(crate) dialogs: Option<DialogShare>,
     dkey: Vec<u8>,
     cdr: Vec<u8>,
+    /// The presence server (None: PUBLISH and SUBSCRIBE are routed like the rest).
+    pub(crate) presence: Option<crate::presence::PresenceShare>,
+    /// Calls whose new state BLF watchers are to hear of (after the message at hand).
+    blf: Vec<Dialog>,
 }
 
 /// Next hop of a URI with a literal address (no DNS here).
-fn uri_addr(uri: &Uri<'_>) -> Option<SocketAddr> {
+pub(crate) fn uri_addr(uri: &Uri<'_>) -> Option<SocketAddr> {
     let h = uri.host;
     let h = h
         .strip_prefix(b"[")
@@ -239,7 +260,7 @@ fn uri_addr(uri: &Uri<'_>) -> Option<SocketAddr> {
 }
 
 /// The URI of the first element of a Route-like list.
-fn first_route_uri(v: &[u8]) -> Option<Uri<'_>> {
+pub(crate) fn first_route_uri(v: &[u8]) -> Option<Uri<'_>> {
     let first = sip_wire::write::split_first(v).0;
     let inner = first
         .iter()
@@ -279,6 +300,21 @@ impl Proxy {
             dialogs: None,
             dkey: Vec::new(),
             cdr: Vec::with_capacity(2048),
+            presence: None,
+            blf: Vec::new(),
+        }
+    }
+
+    /// Serve PUBLISH and SUBSCRIBE for the users of our domains.
+    pub fn with_presence(mut self, share: crate::presence::PresenceShare) -> Proxy {
+        self.presence = Some(share);
+        self
+    }
+
+    /// BLF: the watchers of the calls that changed hear of them.
+    fn flush_blf<O: Outbox>(&mut self, now: Millis, out: &mut O) {
+        while let Some(d) = self.blf.pop() {
+            self.dialog_changed(&d, now, out);
         }
     }
     /// Track every call in `share.table` and write a CDR when it ends.
@@ -378,6 +414,13 @@ impl Proxy {
         };
         if share.changes.push(&rec).is_err() {
             self.stats.dialog_records_dropped.fetch_add(1, Relaxed);
+        }
+        if self
+            .presence
+            .as_ref()
+            .is_some_and(|p| p.table.watchers() > 0)
+        {
+            self.blf.push(d.clone());
         }
     }
 
@@ -512,7 +555,9 @@ impl Proxy {
                     &ended.call_id,
                     cseq,
                     dest,
-                    None,
+                    Purpose::None,
+                    b"",
+                    b"",
                     now,
                     out,
                 );
@@ -567,7 +612,9 @@ impl Proxy {
                 &cur.call_id,
                 cseq,
                 dest,
-                Some(key.to_vec()),
+                Purpose::Ping(key.to_vec()),
+                b"",
+                b"",
                 now,
                 out,
             );
@@ -584,7 +631,7 @@ impl Proxy {
 
     /// Sends a request of our own as a client transaction (retransmitted until answered).
     #[allow(clippy::too_many_arguments)]
-    fn send_own<O: Outbox>(
+    pub(crate) fn send_own<O: Outbox>(
         &mut self,
         method: &[u8],
         uri: &[u8],
@@ -593,7 +640,9 @@ impl Proxy {
         call_id: &[u8],
         cseq: u32,
         dest: SocketAddr,
-        ping: Option<Vec<u8>>,
+        purpose: Purpose,
+        extra: &[u8],
+        body: &[u8],
         now: Millis,
         out: &mut O,
     ) {
@@ -610,7 +659,7 @@ impl Proxy {
             Ctx::Own {
                 request: Vec::new(),
                 dest,
-                ping,
+                purpose,
             },
         );
         let mut branch = [0u8; 48];
@@ -638,7 +687,11 @@ impl Proxy {
             .put(b" ")
             .put(method)
             .crlf();
-        w.put(b"Content-Length: 0\r\n\r\n");
+        w.put(extra);
+        w.put(b"Content-Length: ")
+            .put_u64(body.len() as u64)
+            .put(b"\r\n\r\n")
+            .put(body);
         let Some(n) = w.finish() else {
             self.txns.remove(id);
             return;
@@ -712,7 +765,7 @@ impl Proxy {
         uri_addr(uri) == Some(self.cfg.local)
     }
 
-    fn send<O: Outbox>(out: &mut O, dest: Dest, bytes: &[u8]) {
+    pub(crate) fn send<O: Outbox>(out: &mut O, dest: Dest, bytes: &[u8]) {
         out.send(dest, |b| match b.get_mut(..bytes.len()) {
             Some(d) => {
                 d.copy_from_slice(bytes);
@@ -722,21 +775,39 @@ impl Proxy {
         });
     }
 
+    /// The To tag of our responses to a request: derived from it, so that a
+    /// retransmission gets the same one on any worker (RFC 3261 §8.2.6.2).
+    pub(crate) fn local_tag(c: &Checked<'_>) -> [u8; 16] {
+        let mut tag = [0u8; 16];
+        let h = fnv(c.call_id)
+            ^ fnv(c.from.tag().unwrap_or_default()).rotate_left(17)
+            ^ fnv(c.top_via.branch.unwrap_or_default()).rotate_left(34);
+        for (i, b) in tag.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[((h >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        tag
+    }
+
     /// Our own response to `m` (100, 404, 480, 481, 408, 487 ...), with a To tag derived
     /// from the request so retransmissions get the same one.
     fn build_reply(m: &Message<'_>, src_addr: SocketAddr, code: u16, reason: &str) -> Vec<u8> {
+        Self::build_reply_with(m, src_addr, code, reason, |_| {})
+    }
+
+    /// [`Proxy::build_reply`] with header fields of its own (`extra` writes them).
+    pub(crate) fn build_reply_with(
+        m: &Message<'_>,
+        src_addr: SocketAddr,
+        code: u16,
+        reason: &str,
+        extra: impl FnOnce(&mut Writer<'_>),
+    ) -> Vec<u8> {
         let mut v = [0u8; 4096];
         let n = {
             let Ok(c) = m.check_request() else {
                 return Vec::new();
             };
-            let mut tag = [0u8; 16];
-            let h = fnv(c.call_id)
-                ^ fnv(c.from.tag().unwrap_or_default()).rotate_left(17)
-                ^ fnv(c.top_via.branch.unwrap_or_default()).rotate_left(34);
-            for (i, b) in tag.iter_mut().enumerate() {
-                *b = b"0123456789abcdef"[((h >> (60 - 4 * i)) & 0xf) as usize];
-            }
+            let tag = Self::local_tag(&c);
             let mut w = Writer::new(&mut v);
             w.response_head_with(
                 m,
@@ -748,6 +819,7 @@ impl Proxy {
                 src_addr.port(),
                 Some(&tag),
             );
+            extra(&mut w);
             w.put(b"Content-Length: 0\r\n\r\n");
             w.finish().unwrap_or(0)
         };
@@ -786,6 +858,21 @@ impl Proxy {
         reg: &mut Registrar,
         out: &mut O,
     ) {
+        self.request(m, c, src, now, reg, out);
+        if !self.blf.is_empty() {
+            self.flush_blf(now, out);
+        }
+    }
+
+    fn request<O: Outbox>(
+        &mut self,
+        m: &Message<'_>,
+        c: &Checked<'_>,
+        src: &Source,
+        now: Millis,
+        reg: &mut Registrar,
+        out: &mut O,
+    ) {
         let method = c.cseq.method;
         let rel = match src.transport {
             Transport::Udp => Reliability::Unreliable,
@@ -802,10 +889,14 @@ impl Proxy {
             };
             self.stats.retransmissions.fetch_add(1, Relaxed);
             let (a, _) = self.txns.event(id, ev, now);
-            if a.iter().any(|x| x == Action::SendResponse)
-                && let Some((_, Ctx::Server(s))) = self.txns.get_mut(id)
-            {
-                Self::send(out, s.upstream, &s.response);
+            if a.iter().any(|x| x == Action::SendResponse) {
+                match self.txns.get_mut(id) {
+                    Some((_, Ctx::Server(s))) => Self::send(out, s.upstream, &s.response),
+                    Some((_, Ctx::Local { response, upstream })) => {
+                        Self::send(out, *upstream, response)
+                    }
+                    _ => {}
+                }
             }
             return;
         }
@@ -833,6 +924,11 @@ impl Proxy {
         } else {
             top_route
         };
+        if matches!(method, Method::Publish | Method::Subscribe)
+            && self.presence_takes(m, c, next_route.is_some(), reg)
+        {
+            return self.on_presence(m, c, src, upstream, key, now, reg, out);
+        }
         // ACK of a 2xx: end to end, forwarded without a transaction (§16.11: a proxy
         // forwards it statelessly).
         if method == Method::Ack {
@@ -1159,7 +1255,7 @@ impl Proxy {
             Ctx::Own {
                 request: bytes,
                 dest,
-                ping: None,
+                purpose: Purpose::None,
             },
         );
         if let Some((_, Ctx::Client(cc))) = self.txns.get_mut(cid) {
@@ -1174,6 +1270,14 @@ impl Proxy {
         now: Millis,
         out: &mut O,
     ) -> ResponseFate {
+        let fate = self.response(m, now, out);
+        if !self.blf.is_empty() {
+            self.flush_blf(now, out);
+        }
+        fate
+    }
+
+    fn response<O: Outbox>(&mut self, m: &Message<'_>, now: Millis, out: &mut O) -> ResponseFate {
         let Some(branch) = m.top_via().and_then(|v| v.branch) else {
             return ResponseFate::NotOurs;
         };
@@ -1210,12 +1314,11 @@ impl Proxy {
         for a in acts.iter() {
             match a {
                 Action::SendAck => self.send_ack(id, m, out),
-                // An in-dialog ping answered "no such call" (or timed out, below): the
-                // call is over.
-                Action::Pass(481 | 408) if self.ping_of(id, &ended).is_some() => {
-                    if let Some(k) = self.ping_of(id, &ended) {
-                        self.end_dialog(&k, EndReason::PingTimeout, now, out);
-                    }
+                // An in-dialog ping or a NOTIFY answered "no such call" (or timed out,
+                // below): the call, or the subscription, is over.
+                Action::Pass(481 | 408) if self.purpose_of(id, &ended) != Purpose::None => {
+                    let p = self.purpose_of(id, &ended);
+                    self.own_failed(p, now, out);
                 }
                 Action::Pass(code) => {
                     if let Some((_, Ctx::Client(cc))) = self.txns.get_mut(id) {
@@ -1257,14 +1360,26 @@ impl Proxy {
         })
     }
 
-    /// The dialog an in-dialog ping of ours belongs to.
-    fn ping_of(&mut self, id: TxId, ended: &Option<Ctx>) -> Option<Vec<u8>> {
+    /// What a request of ours is for.
+    fn purpose_of(&mut self, id: TxId, ended: &Option<Ctx>) -> Purpose {
         match self.txns.get_mut(id) {
-            Some((_, Ctx::Own { ping, .. })) => ping.clone(),
+            Some((_, Ctx::Own { purpose, .. })) => purpose.clone(),
             _ => match ended {
-                Some(Ctx::Own { ping, .. }) => ping.clone(),
-                _ => None,
+                Some(Ctx::Own { purpose, .. }) => purpose.clone(),
+                _ => Purpose::None,
             },
+        }
+    }
+
+    /// A request of ours was refused with 481 or got no answer (RFC 3261 §12.2.1.2 /
+    /// RFC 5057 §5.1: the dialog usage is gone).
+    fn own_failed<O: Outbox>(&mut self, p: Purpose, now: Millis, out: &mut O) {
+        match p {
+            Purpose::Ping(k) => {
+                self.end_dialog(&k, EndReason::PingTimeout, now, out);
+            }
+            Purpose::Notify(k) => self.notify_failed(&k, now, out),
+            Purpose::None => {}
         }
     }
 
@@ -1433,6 +1548,9 @@ impl Proxy {
                 continue;
             };
             let k = k.to_vec();
+            if self.presence_order(reason, &k, now, out) {
+                continue;
+            }
             match reason {
                 ORDER_PING => self.ping_dialog(&k, now, out),
                 ORDER_ADMIN => {
@@ -1471,9 +1589,13 @@ impl Proxy {
                     let (d, r) = (cc.dest, cc.request.clone());
                     Self::send(out, Dest::Udp(d), &r);
                 }
-                (Action::TimedOut(_), Ctx::Own { ping: Some(k), .. }) => {
-                    let k = k.clone();
-                    self.end_dialog(&k, EndReason::PingTimeout, now, out);
+                (Action::TimedOut(_), Ctx::Own { purpose, .. }) => {
+                    let p = purpose.clone();
+                    self.own_failed(p, now, out);
+                }
+                (Action::SendResponse, Ctx::Local { response, upstream }) => {
+                    let (d, r) = (*upstream, response.clone());
+                    Self::send(out, d, &r);
                 }
                 (Action::SendRequest, Ctx::Own { request, dest, .. }) => {
                     let (d, r) = (*dest, request.clone());
@@ -1504,6 +1626,9 @@ impl Proxy {
         }
         self.fired = fired;
         self.ended = ended;
+        if !self.blf.is_empty() {
+            self.flush_blf(now, out);
+        }
     }
 }
 

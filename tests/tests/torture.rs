@@ -67,7 +67,7 @@ fn the_node_answers_every_torture_message_as_described() {
     // for an unknown method, Require checked); as a proxy the node would route the
     // valid requests instead (404 for users it does not know).
     let config = format!(
-        "{}\n[proxy]\nenabled = false\n",
+        "{}\n[proxy]\nenabled = false\n[presence]\nenabled = false\n",
         TEST_CONFIG.replace("4096", "65535")
     );
     let mut sipd = Sipd::start(&config, &[]);

@@ -38,6 +38,7 @@ use crate::store::Store;
 use crate::store::persist::{PersistSender, PersistStats, Persister};
 use sipmesh_cluster::dialog::{DialogTable, Profiles};
 use sipmesh_cluster::ownership::Segment;
+use sipmesh_cluster::presence::PresenceTable;
 use sipmesh_dataplane::stateful::{
     ORDER_ADMIN, ORDER_LIFETIME, ORDER_PING, ping_rounds_due, push_end_order,
 };
@@ -122,6 +123,8 @@ pub(crate) struct Shared {
     pub dialog_ping_ms: u64,
     /// The CDR writer's ring for calls other nodes ended.
     pub cdrs: Option<Arc<std::sync::Mutex<rtrb::Producer<u8>>>>,
+    /// Presentities and watchers (None: presence off).
+    pub presence: Option<Arc<PresenceTable>>,
 }
 
 impl Shared {
@@ -190,6 +193,8 @@ pub struct DialogAttach {
     pub profiles: Arc<Profiles>,
     /// The CDR writer's ring for calls other nodes ended.
     pub cdrs: rtrb::Producer<u8>,
+    /// The presence tables (None: presence off); its orders share the workers' rings.
+    pub presence: Option<Arc<PresenceTable>>,
 }
 
 /// The running control plane.
@@ -222,14 +227,15 @@ impl ControlPlane {
             dialogs,
         } = attached;
         let dialog_ping_ms = config.proxy.dialog_ping_ms;
-        let (dialog_table, dialog_orders, profiles, cdrs) = match dialogs {
+        let (dialog_table, dialog_orders, profiles, cdrs, presence) = match dialogs {
             Some(d) => (
                 Some(d.table),
                 d.end_orders,
                 Some(d.profiles),
                 Some(Arc::new(std::sync::Mutex::new(d.cdrs))),
+                d.presence,
             ),
-            None => (None, Vec::new(), None, None),
+            None => (None, Vec::new(), None, None, None),
         };
         let control_ring = Arc::new(std::sync::Mutex::new(control_ring));
         let sweep = (
@@ -331,6 +337,7 @@ impl ControlPlane {
                     profiles,
                     dialog_ping_ms,
                     cdrs,
+                    presence,
                 };
                 runtime.block_on(run(
                     mc,
@@ -517,7 +524,10 @@ async fn mesh_loop(
                     k.tick(wall_ms(), &shared.usrloc, &shared.segment, &shared.tag_slots, &shared.control_ring);
                 }
             }
-            _ = lifetimes.tick() => end_expired_dialogs(&shared),
+            _ = lifetimes.tick() => {
+                end_expired_dialogs(&shared);
+                expire_presence(&shared);
+            }
             _ = sweep.tick() => {
                 if sweeping.as_ref().is_none_or(|h| h.is_finished()) {
                     sweeping = Some(spawn_sweep(&shared, mesh.me().id));
@@ -701,6 +711,111 @@ fn end_expired_dialogs(shared: &Shared) {
     });
 }
 
+/// Presence changes a peer made: into the tables (newest version wins), with no side
+/// effect of their own; the watchers of what changed that this node acts on are then
+/// notified by a worker, on the control plane's order (the worker checks ownership).
+fn apply_presence(shared: &Shared, rec: &ChangeRecord) {
+    use sipmesh_dataplane::presence::winfo_key;
+    let Some(t) = &shared.presence else { return };
+    let (changed, notify) = match &rec.change {
+        Change::PublishUpsert {
+            key,
+            replaces,
+            publication,
+        } => (t.apply_publish(key, replaces, publication), key.to_vec()),
+        Change::PublishRemove { key, etag, .. } => (t.apply_unpublish(key, etag), key.to_vec()),
+        Change::WatcherUpsert { key, watcher } => (
+            t.apply_watcher(key, watcher, false),
+            winfo_key(&watcher.presentity),
+        ),
+        Change::WatcherEnd { key, watcher, .. } => (
+            t.apply_watcher(key, watcher, true),
+            winfo_key(&watcher.presentity),
+        ),
+        Change::DialogUpsert { dialog, .. } | Change::DialogEnd { dialog, .. } => {
+            // BLF: the watchers of both sides of a call a peer tracks.
+            for uri in [&dialog.caller, &dialog.callee] {
+                if let Some(k) = sipmesh_dataplane::presence::dialog_presentity(uri) {
+                    order_notify(shared, t, &k);
+                }
+            }
+            return;
+        }
+        _ => return,
+    };
+    if changed {
+        order_notify(shared, t, &notify);
+    }
+}
+
+/// Orders a worker to notify the watchers of presentity `pkey` (when it has any).
+fn order_notify(shared: &Shared, t: &PresenceTable, pkey: &[u8]) {
+    use sipmesh_cluster::ownership::bucket_of;
+    if t.watchers_of(pkey).is_empty() {
+        return;
+    }
+    let Ok(mut orders) = shared.dialog_orders.lock() else {
+        return;
+    };
+    let n = orders.len();
+    if n > 0 {
+        let _ = push_end_order(
+            &mut orders[bucket_of(pkey) % n],
+            sipmesh_dataplane::presence::ORDER_NOTIFY,
+            pkey,
+        );
+    }
+}
+
+/// Publications and watchers past their time, in buckets this node acts on, are handed
+/// to a worker to remove (and notify: the final NOTIFY of a watcher, the new state of a
+/// presentity). A full ring: ordered again in a second.
+fn expire_presence(shared: &Shared) {
+    use sipmesh_cluster::ownership::bucket_of;
+    use sipmesh_dataplane::presence::{ORDER_PUBLICATION_EXPIRED, ORDER_WATCHER_EXPIRED};
+    let Some(t) = &shared.presence else { return };
+    let Ok(mut orders) = shared.dialog_orders.lock() else {
+        return;
+    };
+    let n = orders.len();
+    if n == 0 {
+        return;
+    }
+    let now = wall_ms();
+    let acts = |key: &[u8]| {
+        shared
+            .segment
+            .acts_on_at(crate::mesh::tags::DEFAULT_TAG_SLOT, bucket_of(key), now)
+            .0
+    };
+    let mut k = Vec::new();
+    t.for_each_presentity(|pkey, p| {
+        if p.next_expiry() > now || !acts(pkey) {
+            return;
+        }
+        for x in p.pubs.iter().filter(|x| x.expires_ms <= now) {
+            k.clear();
+            k.extend_from_slice(pkey);
+            k.push(0);
+            k.extend_from_slice(&x.etag);
+            let _ = push_end_order(
+                &mut orders[bucket_of(pkey) % n],
+                ORDER_PUBLICATION_EXPIRED,
+                &k,
+            );
+        }
+    });
+    t.for_each_watcher(|key, w| {
+        if w.expires_ms <= now && acts(&w.call_id) {
+            let _ = push_end_order(
+                &mut orders[bucket_of(&w.call_id) % n],
+                ORDER_WATCHER_EXPIRED,
+                key,
+            );
+        }
+    });
+}
+
 /// Hands the call with id `id` to a worker to end (an operator's `sipctl dialog end`).
 pub(crate) fn end_dialog(shared: &Shared, id: u64) -> Result<(), String> {
     use sipmesh_cluster::ownership::bucket_of;
@@ -791,6 +906,7 @@ fn apply_batch(
                 match ChangeRecord::decode_from_slice(f) {
                     Ok((rec, _)) => {
                         apply_dialog(shared, &rec);
+                        apply_presence(shared, &rec);
                         if shared.usrloc.apply_remote(&rec) != Applied::Kept
                             && shared.persist.is_some()
                         {
@@ -994,8 +1110,15 @@ fn apply_snapshot_chunk(shared: &Shared, records: &[u8]) -> Result<Digest, Strin
                 apply_dialog(shared, &rec);
                 continue;
             }
-            ChangeRef::BindingRemove { .. } | ChangeRef::DialogEnd { .. } => {
-                return Err("a snapshot holds only bindings and live calls".into());
+            ChangeRef::PublishUpsert { .. } | ChangeRef::WatcherUpsert { .. } => {
+                apply_presence(shared, &rec);
+                continue;
+            }
+            ChangeRef::BindingRemove { .. }
+            | ChangeRef::DialogEnd { .. }
+            | ChangeRef::PublishRemove { .. }
+            | ChangeRef::WatcherEnd { .. } => {
+                return Err("a snapshot holds only bindings, live calls and presence".into());
             }
         }
         if usrloc.apply_remote(&rec) != Applied::Kept && persist.is_some() {
@@ -1016,6 +1139,7 @@ fn apply_snapshot_chunk(shared: &Shared, records: &[u8]) -> Result<Digest, Strin
 pub(crate) fn walk_snapshot(
     usrloc: &Usrloc,
     dialogs: Option<&DialogTable>,
+    presence: Option<&PresenceTable>,
     since: u64,
     tx: &mpsc::Sender<Result<pb::SnapshotChunk, tonic::Status>>,
 ) {
@@ -1073,6 +1197,35 @@ pub(crate) fn walk_snapshot(
                     version: d.version,
                     at_ms: d.created_ms,
                     change: ChangeRef::DialogUpsert { key, dialog: d },
+                });
+            }
+        });
+    }
+    // And every presentity and watcher, the same way (not on the receiver's disk either).
+    if let Some(t) = presence {
+        t.for_each_presentity(|key, p| {
+            for x in &p.pubs {
+                if open {
+                    open = add(ChangeRecordRef {
+                        origin: x.origin,
+                        version: x.version,
+                        at_ms: x.published_ms,
+                        change: ChangeRef::PublishUpsert {
+                            key,
+                            replaces: b"",
+                            publication: x,
+                        },
+                    });
+                }
+            }
+        });
+        t.for_each_watcher(|key, w| {
+            if open {
+                open = add(ChangeRecordRef {
+                    origin: w.origin,
+                    version: w.version,
+                    at_ms: w.created_ms,
+                    change: ChangeRef::WatcherUpsert { key, watcher: w },
                 });
             }
         });

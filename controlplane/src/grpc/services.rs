@@ -113,11 +113,17 @@ impl pb::peer_server::Peer for PeerSvc {
                 watermarks: marks.iter().map(convert::watermark_pb).collect(),
             })),
         };
-        let (usrloc, dialogs) = (self.0.usrloc.clone(), self.0.dialogs.clone());
+        let (usrloc, dialogs, presence) = (
+            self.0.usrloc.clone(),
+            self.0.dialogs.clone(),
+            self.0.presence.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             if tx.blocking_send(Ok(begin)).is_ok() {
                 match cap {
-                    Capability::Usrloc => walk_snapshot(&usrloc, dialogs.as_deref(), since, &tx),
+                    Capability::Usrloc => {
+                        walk_snapshot(&usrloc, dialogs.as_deref(), presence.as_deref(), since, &tx)
+                    }
                 }
             }
         });

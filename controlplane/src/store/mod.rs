@@ -178,8 +178,8 @@ fn decode_binding_body(v: &[u8]) -> Result<Binding, StoreError> {
     Ok(b)
 }
 
-/// The contact row a change record touches: (AoR, key); `None` for a dialog record
-/// (dialogs are not stored yet).
+/// The contact row a change record touches: (AoR, key); `None` for a dialog or presence
+/// record (not stored yet).
 pub fn record_key(rec: &ChangeRecord) -> Option<(&[u8], Vec<u8>)> {
     match &rec.change {
         Change::BindingUpsert { aor, binding } => Some((
@@ -193,7 +193,7 @@ pub fn record_key(rec: &ChangeRecord) -> Option<(&[u8], Vec<u8>)> {
             reg_id,
             ..
         } => Some((aor, contact_key(aor, contact, instance, *reg_id))),
-        Change::DialogUpsert { .. } | Change::DialogEnd { .. } => None,
+        _ => None,
     }
 }
 

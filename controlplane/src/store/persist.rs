@@ -307,8 +307,8 @@ fn add_rows(
                 reg_id,
                 ..
             } => (&contact[..], &instance[..], *reg_id),
-            sipmesh_cluster::Change::DialogUpsert { .. }
-            | sipmesh_cluster::Change::DialogEnd { .. } => continue,
+            // Dialog and presence records are not stored.
+            _ => continue,
         };
         let now_value = usrloc.read(aor, |r| {
             r.and_then(|r| {

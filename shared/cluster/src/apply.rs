@@ -83,7 +83,8 @@ impl Usrloc {
                 ..
             } => self.apply_remove(aor, contact, instance, *reg_id, rec.version),
             // Dialogs live in the dialog table ([`crate::dialog::DialogTable::apply_remote`]).
-            Change::DialogUpsert { .. } | Change::DialogEnd { .. } => Applied::Kept,
+            // Dialog and presence records: other tables.
+            _ => Applied::Kept,
         }
     }
 
@@ -99,7 +100,8 @@ impl Usrloc {
                 reg_id,
                 ..
             } => self.apply_remove(aor, contact, instance, reg_id, rec.version),
-            ChangeRef::DialogUpsert { .. } | ChangeRef::DialogEnd { .. } => Applied::Kept,
+            // Dialog and presence records: other tables.
+            _ => Applied::Kept,
         }
     }
 

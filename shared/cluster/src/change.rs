@@ -12,6 +12,7 @@ use bincode::de::{Decode, Decoder};
 use bincode::error::{DecodeError, EncodeError};
 
 use crate::dialog::Dialog;
+use crate::presence::{PresenceEnd, Publication, Watcher};
 use crate::usrloc::{Binding, MAX_FIELD_LEN, decode_bytes_into};
 use crate::{BINCODE_CONFIG, NodeId};
 
@@ -67,6 +68,40 @@ pub enum Change {
         /// The final state.
         dialog: Dialog,
     },
+    /// A publication was made, refreshed or modified (RFC 3903).
+    PublishUpsert {
+        /// Presentity key (event package, a zero octet, the AoR).
+        key: Box<[u8]>,
+        /// The entity tag it replaces (refresh, modification), empty for a new one.
+        replaces: Box<[u8]>,
+        /// The publication.
+        publication: Publication,
+    },
+    /// A publication went away.
+    PublishRemove {
+        /// Presentity key.
+        key: Box<[u8]>,
+        /// Its entity tag.
+        etag: Box<[u8]>,
+        /// Why.
+        reason: PresenceEnd,
+    },
+    /// A subscription was made or changed (RFC 6665).
+    WatcherUpsert {
+        /// Watcher key (Call-ID, our tag, the subscriber's tag).
+        key: Box<[u8]>,
+        /// The watcher.
+        watcher: Watcher,
+    },
+    /// A subscription ended (its final state).
+    WatcherEnd {
+        /// Watcher key.
+        key: Box<[u8]>,
+        /// The final state.
+        watcher: Watcher,
+        /// Why.
+        reason: PresenceEnd,
+    },
 }
 
 fn decode_box<D: Decoder>(d: &mut D) -> Result<Box<[u8]>, DecodeError> {
@@ -98,9 +133,28 @@ impl<Ctx> Decode<Ctx> for Change {
                 key: decode_box(d)?,
                 dialog: Dialog::decode(d)?,
             }),
+            4 => Ok(Change::PublishUpsert {
+                key: decode_box(d)?,
+                replaces: decode_box(d)?,
+                publication: Publication::decode(d)?,
+            }),
+            5 => Ok(Change::PublishRemove {
+                key: decode_box(d)?,
+                etag: decode_box(d)?,
+                reason: PresenceEnd::decode(d)?,
+            }),
+            6 => Ok(Change::WatcherUpsert {
+                key: decode_box(d)?,
+                watcher: Watcher::decode(d)?,
+            }),
+            7 => Ok(Change::WatcherEnd {
+                key: decode_box(d)?,
+                watcher: Watcher::decode(d)?,
+                reason: PresenceEnd::decode(d)?,
+            }),
             found => Err(DecodeError::UnexpectedVariant {
                 type_name: "Change",
-                allowed: &bincode::error::AllowedEnumVariants::Range { min: 0, max: 3 },
+                allowed: &bincode::error::AllowedEnumVariants::Range { min: 0, max: 7 },
                 found,
             }),
         }
@@ -114,7 +168,12 @@ impl Change {
     pub fn aor(&self) -> &[u8] {
         match self {
             Change::BindingUpsert { aor, .. } | Change::BindingRemove { aor, .. } => aor,
-            Change::DialogUpsert { key, .. } | Change::DialogEnd { key, .. } => key,
+            Change::DialogUpsert { key, .. }
+            | Change::DialogEnd { key, .. }
+            | Change::PublishUpsert { key, .. }
+            | Change::PublishRemove { key, .. }
+            | Change::WatcherUpsert { key, .. }
+            | Change::WatcherEnd { key, .. } => key,
         }
     }
 
@@ -137,6 +196,30 @@ impl Change {
             },
             Change::DialogUpsert { key, dialog } => ChangeRef::DialogUpsert { key, dialog },
             Change::DialogEnd { key, dialog } => ChangeRef::DialogEnd { key, dialog },
+            Change::PublishUpsert {
+                key,
+                replaces,
+                publication,
+            } => ChangeRef::PublishUpsert {
+                key,
+                replaces,
+                publication,
+            },
+            Change::PublishRemove { key, etag, reason } => ChangeRef::PublishRemove {
+                key,
+                etag,
+                reason: *reason,
+            },
+            Change::WatcherUpsert { key, watcher } => ChangeRef::WatcherUpsert { key, watcher },
+            Change::WatcherEnd {
+                key,
+                watcher,
+                reason,
+            } => ChangeRef::WatcherEnd {
+                key,
+                watcher,
+                reason: *reason,
+            },
         }
     }
 }
@@ -213,6 +296,40 @@ pub enum ChangeRef<'a> {
         /// The final state.
         dialog: &'a Dialog,
     },
+    /// See [`Change::PublishUpsert`].
+    PublishUpsert {
+        /// Presentity key.
+        key: &'a [u8],
+        /// The entity tag it replaces (empty: none).
+        replaces: &'a [u8],
+        /// The publication.
+        publication: &'a Publication,
+    },
+    /// See [`Change::PublishRemove`].
+    PublishRemove {
+        /// Presentity key.
+        key: &'a [u8],
+        /// Its entity tag.
+        etag: &'a [u8],
+        /// Why.
+        reason: PresenceEnd,
+    },
+    /// See [`Change::WatcherUpsert`].
+    WatcherUpsert {
+        /// Watcher key.
+        key: &'a [u8],
+        /// The watcher.
+        watcher: &'a Watcher,
+    },
+    /// See [`Change::WatcherEnd`].
+    WatcherEnd {
+        /// Watcher key.
+        key: &'a [u8],
+        /// The final state.
+        watcher: &'a Watcher,
+        /// Why.
+        reason: PresenceEnd,
+    },
 }
 
 impl ChangeRef<'_> {
@@ -243,6 +360,33 @@ impl ChangeRef<'_> {
             ChangeRef::DialogEnd { key, dialog } => Change::DialogEnd {
                 key: key.into(),
                 dialog: dialog.clone(),
+            },
+            ChangeRef::PublishUpsert {
+                key,
+                replaces,
+                publication,
+            } => Change::PublishUpsert {
+                key: key.into(),
+                replaces: replaces.into(),
+                publication: publication.clone(),
+            },
+            ChangeRef::PublishRemove { key, etag, reason } => Change::PublishRemove {
+                key: key.into(),
+                etag: etag.into(),
+                reason,
+            },
+            ChangeRef::WatcherUpsert { key, watcher } => Change::WatcherUpsert {
+                key: key.into(),
+                watcher: watcher.clone(),
+            },
+            ChangeRef::WatcherEnd {
+                key,
+                watcher,
+                reason,
+            } => Change::WatcherEnd {
+                key: key.into(),
+                watcher: watcher.clone(),
+                reason,
             },
         }
     }
@@ -392,6 +536,53 @@ mod tests {
                         },
                         ..crate::dialog::sample_dialog()
                     },
+                },
+            },
+            ChangeRecord {
+                origin: NodeId(3),
+                version: 79,
+                at_ms: 1_800_000_000_002,
+                change: Change::PublishUpsert {
+                    key: (*b"presence\0alice@example.com").into(),
+                    replaces: (*b"e0").into(),
+                    publication: crate::presence::Publication {
+                        etag: (*b"e1").into(),
+                        content_type: (*b"application/pidf+xml").into(),
+                        body: (*b"<presence/>").into(),
+                        published_ms: 5,
+                        expires_ms: 6,
+                        version: 79,
+                        origin: NodeId(3),
+                    },
+                },
+            },
+            ChangeRecord {
+                origin: NodeId(3),
+                version: 80,
+                at_ms: 1_800_000_000_003,
+                change: Change::PublishRemove {
+                    key: (*b"presence\0alice@example.com").into(),
+                    etag: (*b"e1").into(),
+                    reason: PresenceEnd::Expired,
+                },
+            },
+            ChangeRecord {
+                origin: NodeId(3),
+                version: 81,
+                at_ms: 1_800_000_000_004,
+                change: Change::WatcherUpsert {
+                    key: (*b"c\0l\0r").into(),
+                    watcher: crate::presence::tests::watcher("c", 81),
+                },
+            },
+            ChangeRecord {
+                origin: NodeId(3),
+                version: 82,
+                at_ms: 1_800_000_000_005,
+                change: Change::WatcherEnd {
+                    key: (*b"c\0l\0r").into(),
+                    watcher: crate::presence::tests::watcher("c", 82),
+                    reason: PresenceEnd::Rejected,
                 },
             },
         ]

@@ -165,7 +165,7 @@ fn enc_end(e: Option<(EndReason, Party)>) -> (u8, u16, u8) {
     (k, c, p)
 }
 
-fn enc_addr(a: Option<std::net::SocketAddr>) -> (u8, [u8; 16], u16) {
+pub(crate) fn enc_addr(a: Option<std::net::SocketAddr>) -> (u8, [u8; 16], u16) {
     match a {
         None => (0, [0; 16], 0),
         Some(std::net::SocketAddr::V4(v)) => (4, v.ip().to_ipv6_mapped().octets(), v.port()),
@@ -173,7 +173,11 @@ fn enc_addr(a: Option<std::net::SocketAddr>) -> (u8, [u8; 16], u16) {
     }
 }
 
-fn dec_addr(fam: u8, o: [u8; 16], port: u16) -> Result<Option<std::net::SocketAddr>, DecodeError> {
+pub(crate) fn dec_addr(
+    fam: u8,
+    o: [u8; 16],
+    port: u16,
+) -> Result<Option<std::net::SocketAddr>, DecodeError> {
     let v6 = std::net::Ipv6Addr::from(o);
     match fam {
         0 => Ok(None),

@@ -24,6 +24,7 @@ pub mod dialog;
 pub mod digest;
 pub mod keepalive;
 pub mod ownership;
+pub mod presence;
 pub mod ring;
 pub mod sweep;
 pub mod usrloc;

@@ -370,7 +370,8 @@ impl ChangeBatch {
         self.kinds.push(match rec.change {
             ChangeRef::BindingUpsert { .. } => None,
             ChangeRef::BindingRemove { reason, .. } => Some(reason),
-            ChangeRef::DialogUpsert { .. } | ChangeRef::DialogEnd { .. } => None,
+            // Dialog and presence records: other tables.
+            _ => None,
         });
     }
 

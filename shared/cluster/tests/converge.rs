@@ -251,7 +251,7 @@ proptest! {
                         class_of(b.contact(), b.instance(), b.reg_id) != k || b.version >= r.version
                     });
                 }
-                Change::DialogUpsert { .. } | Change::DialogEnd { .. } => unreachable!("bindings only"),
+                _ => unreachable!("bindings only"),
             }
             if v.is_empty() {
                 model.remove(r.change.aor());
