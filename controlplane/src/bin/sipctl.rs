@@ -33,6 +33,9 @@ COMMANDS:
                            what the ownership segment says: active tag slots,
                            partition buckets acted on here (from the node, or
                            straight from a segment file, without a server)
+    presence list          presentities (event, AoR, publications, watchers)
+    presence show URI [EVENT]      the document its watchers get, and its publications
+    presence watchers URI  the watchers of URI (every package)
     dialog list            calls the proxy tracks (state, caller, callee, age)
     dialog show ID         one call in full
     dialog end ID          end a call: a BYE to each side, and its CDR
@@ -158,6 +161,32 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     for r in rows {
         line(r);
     }
+}
+
+fn presentity_json(p: &pb::PresentityInfo) -> Json {
+    Json::Obj(vec![
+        ("event", s(p.event.clone())),
+        ("aor", s(p.aor.clone())),
+        ("watchers", Json::Num(u64::from(p.watchers))),
+        (
+            "publications",
+            Json::Arr(
+                p.publications
+                    .iter()
+                    .map(|x| {
+                        Json::Obj(vec![
+                            ("etag", s(x.etag.clone())),
+                            ("content_type", s(x.content_type.clone())),
+                            ("published_ms", Json::Num(x.published_ms)),
+                            ("expires_ms", Json::Num(x.expires_ms)),
+                            ("origin", Json::Num(u64::from(x.origin))),
+                            ("body_bytes", Json::Num(u64::from(x.body_bytes))),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+    ])
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -920,6 +949,105 @@ async fn run(mut c: AdminClient<Channel>, words: &[&str], json: bool) -> Result<
                         say!("  {:<30} {}", c.value, c.count);
                     }
                 }
+            }
+        }
+        ["presence", "list"] => {
+            let r = c.presence(pb::PresenceArgs::default()).await?.into_inner();
+            if json {
+                print(Json::Obj(vec![
+                    ("presentities", Json::Num(r.total_presentities)),
+                    ("watchers", Json::Num(r.total_watchers)),
+                    (
+                        "list",
+                        Json::Arr(r.presentities.iter().map(presentity_json).collect()),
+                    ),
+                ]));
+            } else {
+                say!(
+                    "{} presentities, {} watchers",
+                    r.total_presentities,
+                    r.total_watchers
+                );
+                table(
+                    &["EVENT", "AOR", "PUBLICATIONS", "WATCHERS"],
+                    r.presentities
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.event.clone(),
+                                p.aor.clone(),
+                                p.publications.len().to_string(),
+                                p.watchers.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        ["presence", cmd @ ("show" | "watchers"), uri, rest @ ..] if rest.len() <= 1 => {
+            let r = c
+                .presence(pb::PresenceArgs {
+                    uri: uri.to_string(),
+                    event: rest.first().map(|e| e.to_string()).unwrap_or_default(),
+                    limit: 0,
+                })
+                .await?
+                .into_inner();
+            let watcher = |w: &pb::WatcherInfo| {
+                Json::Obj(vec![
+                    ("id", s(w.id.clone())),
+                    ("event", s(w.event.clone())),
+                    ("watcher", s(w.watcher.clone())),
+                    ("state", s(w.state.clone())),
+                    ("contact", s(w.contact.clone())),
+                    ("expires_ms", Json::Num(w.expires_ms)),
+                    ("origin", Json::Num(u64::from(w.origin))),
+                    ("call_id", s(w.call_id.clone())),
+                ])
+            };
+            if *cmd == "show" {
+                if json {
+                    print(Json::Obj(vec![
+                        ("document", s(r.document.clone())),
+                        (
+                            "publications",
+                            Json::Arr(r.presentities.iter().map(presentity_json).collect()),
+                        ),
+                    ]));
+                } else {
+                    for p in &r.presentities {
+                        for x in &p.publications {
+                            say!(
+                                "publication {} {} {} bytes, expires {} (node {})",
+                                x.etag,
+                                x.content_type,
+                                x.body_bytes,
+                                x.expires_ms,
+                                x.origin
+                            );
+                        }
+                    }
+                    say!("{}", r.document);
+                }
+            } else if json {
+                print(Json::Arr(r.watchers.iter().map(watcher).collect()));
+            } else {
+                table(
+                    &["ID", "EVENT", "WATCHER", "STATE", "CONTACT", "EXPIRES-MS"],
+                    r.watchers
+                        .iter()
+                        .map(|w| {
+                            vec![
+                                w.id.clone(),
+                                w.event.clone(),
+                                w.watcher.clone(),
+                                w.state.clone(),
+                                w.contact.clone(),
+                                w.expires_ms.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
             }
         }
         ["dialog", "end", id] => {

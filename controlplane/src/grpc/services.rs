@@ -529,6 +529,96 @@ impl pb::admin_server::Admin for AdminSvc {
         Ok(Response::new(pb::DialogList { dialogs, total }))
     }
 
+    async fn presence(
+        &self,
+        req: Request<pb::PresenceArgs>,
+    ) -> Result<Response<pb::PresenceReply>, Status> {
+        use sipmesh_cluster::presence::split_presentity_key;
+        use sipmesh_dataplane::presence::{Package, aor_of_uri, current_document};
+        let a = req.into_inner();
+        let t = self
+            .0
+            .presence
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("presence is off on this node"))?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let limit = if a.limit == 0 { 1000 } else { a.limit as usize };
+        let info = |key: &[u8], p: &sipmesh_cluster::presence::Presentity| {
+            let (event, aor) = split_presentity_key(key);
+            pb::PresentityInfo {
+                event: text(event),
+                aor: text(aor),
+                publications: p
+                    .pubs
+                    .iter()
+                    .map(|x| pb::PublicationInfo {
+                        etag: text(&x.etag),
+                        content_type: text(&x.content_type),
+                        published_ms: x.published_ms,
+                        expires_ms: x.expires_ms,
+                        origin: u32::from(x.origin.0),
+                        body_bytes: x.body.len() as u32,
+                    })
+                    .collect(),
+                watchers: t.watchers_of(key).len() as u32,
+            }
+        };
+        let mut r = pb::PresenceReply {
+            total_presentities: t.presentities() as u64,
+            total_watchers: t.watchers() as u64,
+            ..Default::default()
+        };
+        if a.uri.is_empty() {
+            t.for_each_presentity(|k, p| {
+                if r.presentities.len() < limit {
+                    r.presentities.push(info(k, p));
+                }
+            });
+            return Ok(Response::new(r));
+        }
+        let aor = aor_of_uri(a.uri.as_bytes()).ok_or_else(|| {
+            Status::invalid_argument(format!("uri: `{}` is not a SIP URI with a user", a.uri))
+        })?;
+        let event = if a.event.is_empty() {
+            "presence"
+        } else {
+            a.event.as_str()
+        };
+        let package = Package::parse(event.as_bytes()).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "event: `{event}` is not presence, dialog or presence.winfo"
+            ))
+        })?;
+        let mut doc = Vec::new();
+        current_document(&t, package, &aor, &mut doc);
+        r.document = text(&doc);
+        let mut pkey = Vec::new();
+        for pk in [Package::Presence, Package::Dialog, Package::Winfo] {
+            sipmesh_cluster::presence::presentity_key(pk.name(), &aor, &mut pkey);
+            if pk == package
+                && let Some(p) = t.presentity(&pkey)
+            {
+                r.presentities.push(info(&pkey, &p));
+            }
+            for k in t.watchers_of(&pkey).iter() {
+                if let Some(w) = t.watcher(k) {
+                    r.watchers.push(pb::WatcherInfo {
+                        id: format!("{:016x}", w.id),
+                        event: text(pk.name()),
+                        aor: text(&aor),
+                        watcher: text(&w.watcher_uri),
+                        state: w.state.as_str().into(),
+                        contact: text(&w.contact),
+                        expires_ms: w.expires_ms,
+                        origin: u32::from(w.origin.0),
+                        call_id: text(&w.call_id),
+                    });
+                }
+            }
+        }
+        Ok(Response::new(r))
+    }
+
     async fn profile_get(
         &self,
         req: Request<pb::ProfileArgs>,

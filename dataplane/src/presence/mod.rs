@@ -206,6 +206,34 @@ fn aor_of(reg: &Registrar, uri: &Uri<'_>) -> Option<Vec<u8>> {
     Registrar::canonical_aor(&mut v, uri).then_some(v)
 }
 
+/// The canonical AoR a URI names (`None`: not a SIP URI with a user part).
+pub fn aor_of_uri(uri: &[u8]) -> Option<Vec<u8>> {
+    let u = Uri::parse(uri).ok()?;
+    let mut aor = Vec::new();
+    Registrar::canonical_aor(&mut aor, &u).then_some(aor)
+}
+
+/// The document the watchers of `package` of `aor` get now (`version` of dialog-info and
+/// watcherinfo documents). For operators; the dialog package shows published state only.
+pub fn current_document(table: &PresenceTable, package: Package, aor: &[u8], out: &mut Vec<u8>) {
+    let ent = entity(aor);
+    let mut pkey = Vec::new();
+    presentity_key(package.name(), aor, &mut pkey);
+    let pres = table.presentity(&pkey).unwrap_or_default();
+    let docs: Vec<&[u8]> = pres.pubs.iter().map(|x| &x.body[..]).collect();
+    match package {
+        Package::Presence => {
+            if docs.is_empty() || doc::aggregate_pidf(&ent, &docs, out).is_err() {
+                doc::offline_pidf(&ent, out);
+            }
+        }
+        Package::Dialog => {
+            let _ = doc::aggregate_dialog_info(&ent, 0, &docs, &[], out);
+        }
+        Package::Winfo => out.clear(),
+    }
+}
+
 /// The key of the `dialog` presentity of the user a call's URI (From or Request-URI)
 /// names: whose BLF watchers hear of the call.
 pub fn dialog_presentity(uri: &[u8]) -> Option<Vec<u8>> {
@@ -323,7 +351,8 @@ impl Proxy {
         let _ = self.txns.event(id, Event::Send(a.code), now);
         // RFC 6665 §4.2.1.2: the NOTIFY follows the 200 at once.
         if let Some((w, reason)) = notify {
-            self.send_notify(&w, reason, now, out);
+            let cseq = w.local_cseq;
+            self.send_notify(&w, reason, Some(cseq), now, out);
         }
         if let Some(pkey) = changed {
             self.notify_presentity(&pkey, now, out);
@@ -533,6 +562,9 @@ impl Proxy {
                 }
                 let mut n = cur.clone();
                 n.remote_cseq = c.cseq.seq;
+                // The CSeq of the NOTIFY that follows, in the record: a peer that takes
+                // over continues above it.
+                n.local_cseq = cur.local_cseq.saturating_add(1).max(cseq_floor(now));
                 n.expires_ms = now + u64::from(granted) * 1000;
                 n.version = next_version(cur.version, now, worker);
                 if let Some(ct) = contact {
@@ -643,7 +675,7 @@ impl Proxy {
             created_ms: now,
             expires_ms: now + u64::from(granted) * 1000,
             remote_cseq: c.cseq.seq,
-            local_cseq: 0,
+            local_cseq: cseq_floor(now).max(1),
             version: next_version(0, now, worker),
             origin: NodeId(node),
         };
@@ -672,12 +704,14 @@ impl Proxy {
 
     /// Sends the current state of its presentity to watcher `w` (`final_reason`: the
     /// subscription ends with this NOTIFY: `Some("")` without a reason, else
-    /// `terminated;reason=…`). The CSeq is taken from the table (atomic), so NOTIFYs of one
-    /// subscription increase whoever sends them.
+    /// `terminated;reason=…`). `cseq`: the one the SUBSCRIBE just recorded; else the next
+    /// is taken from the table (atomic), so NOTIFYs of one subscription increase whoever
+    /// sends them.
     fn send_notify<O: Outbox>(
         &mut self,
         w: &Watcher,
         final_reason: Option<&'static str>,
+        cseq: Option<u32>,
         now: Millis,
         out: &mut O,
     ) {
@@ -690,18 +724,21 @@ impl Proxy {
         // The next CSeq: bumped in the table when the watcher is there (a fetch or a
         // final NOTIFY of a removed one uses its own).
         let floor = cseq_floor(now);
-        let cseq = p
-            .table
-            .update_watcher(&wkey, |cur| {
-                let cur = cur?;
-                let mut n = cur.clone();
-                n.local_cseq = cur.local_cseq.saturating_add(1).max(floor);
-                Some(n)
-            })
-            .map_or_else(
-                || w.local_cseq.saturating_add(1).max(floor),
-                |n| n.local_cseq,
-            );
+        let cseq = match cseq {
+            Some(c) => c,
+            None => p
+                .table
+                .update_watcher(&wkey, |cur| {
+                    let cur = cur?;
+                    let mut n = cur.clone();
+                    n.local_cseq = cur.local_cseq.saturating_add(1).max(floor);
+                    Some(n)
+                })
+                .map_or_else(
+                    || w.local_cseq.saturating_add(1).max(floor),
+                    |n| n.local_cseq,
+                ),
+        };
         let (event, aor) = split_presentity_key(&w.presentity);
         let Some(package) = Package::parse(event) else {
             return;
@@ -865,7 +902,7 @@ impl Proxy {
                 p.stats.not_owner.fetch_add(1, Relaxed);
                 continue;
             }
-            self.send_notify(&w, None, now, out);
+            self.send_notify(&w, None, None, now, out);
         }
     }
 
@@ -926,7 +963,7 @@ impl Proxy {
         );
         if why == PresenceEnd::Expired {
             // RFC 6665 §4.2.2: the final NOTIFY of a subscription that ran out.
-            self.send_notify(&w, Some("timeout"), now, out);
+            self.send_notify(&w, Some("timeout"), None, now, out);
         }
         if w.presentity.starts_with(b"presence\0") {
             let wk = winfo_key(&w.presentity);
