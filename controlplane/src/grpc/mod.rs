@@ -751,7 +751,7 @@ fn apply_presence(shared: &Shared, rec: &ChangeRecord) {
 /// Orders a worker to notify the watchers of presentity `pkey` (when it has any).
 fn order_notify(shared: &Shared, t: &PresenceTable, pkey: &[u8]) {
     use sipmesh_cluster::ownership::bucket_of;
-    if t.watchers_of(pkey).is_empty() {
+    if t.watcher_count(pkey) == 0 {
         return;
     }
     let Ok(mut orders) = shared.dialog_orders.lock() else {

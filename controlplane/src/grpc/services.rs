@@ -560,7 +560,7 @@ impl pb::admin_server::Admin for AdminSvc {
                         body_bytes: x.body.len() as u32,
                     })
                     .collect(),
-                watchers: t.watchers_of(key).len() as u32,
+                watchers: t.watcher_count(key) as u32,
             }
         };
         let mut r = pb::PresenceReply {

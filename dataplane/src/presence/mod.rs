@@ -635,7 +635,7 @@ impl Proxy {
         }
         let mut pkey = Vec::new();
         presentity_key(package.name(), &aor, &mut pkey);
-        if granted > 0 && p.table.watchers_of(&pkey).len() >= cfg.max_watchers {
+        if granted > 0 && p.table.watcher_count(&pkey) >= cfg.max_watchers {
             return Answer::new(503, "Too Many Watchers").with("Retry-After", b"60");
         }
         let tag = Self::local_tag(c);
@@ -916,7 +916,7 @@ impl Proxy {
                 let has = self
                     .presence
                     .as_ref()
-                    .is_some_and(|p| !p.table.watchers_of(&pkey).is_empty());
+                    .is_some_and(|p| p.table.watcher_count(&pkey) > 0);
                 if has {
                     self.notify_presentity(&pkey, now, out);
                 }

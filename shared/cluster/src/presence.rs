@@ -279,13 +279,14 @@ pub enum PresenceEnd {
     Replaced,
 }
 
-type Keys = Arc<[Box<[u8]>]>;
+type Keys = Arc<papaya::HashSet<Box<[u8]>>>;
 
 /// Every presentity and watcher of the node (its own and its peers').
 pub struct PresenceTable {
     presentities: papaya::HashMap<Box<[u8]>, Arc<Presentity>>,
     watchers: papaya::HashMap<Box<[u8]>, Arc<Watcher>>,
-    /// Presentity key → keys of its watchers.
+    /// Presentity key → keys of its watchers (a concurrent set: a presentity may have
+    /// thousands, each added and removed in constant time).
     index: papaya::HashMap<Box<[u8]>, Keys>,
     ids: AtomicU64,
 }
@@ -382,51 +383,35 @@ impl PresenceTable {
     }
 
     /// Keys of the watchers of presentity `pkey`.
-    pub fn watchers_of(&self, pkey: &[u8]) -> Keys {
+    pub fn watchers_of(&self, pkey: &[u8]) -> Vec<Box<[u8]>> {
         let g = self.index.guard();
-        self.index
-            .get(pkey, &g)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(Vec::new()))
+        match self.index.get(pkey, &g) {
+            Some(set) => set.pin().iter().cloned().collect(),
+            None => Vec::new(),
+        }
     }
 
+    /// How many watchers presentity `pkey` has.
+    pub fn watcher_count(&self, pkey: &[u8]) -> usize {
+        let g = self.index.guard();
+        self.index.get(pkey, &g).map_or(0, |set| set.len())
+    }
+
+    // The set of a presentity stays when its last watcher goes (at most one small set per
+    // presentity ever watched): removing it could race with a concurrent add.
     fn index_add(&self, pkey: &[u8], key: &[u8]) {
         let g = self.index.guard();
-        self.index.compute(
-            Box::from(pkey),
-            |e: Option<(&Box<[u8]>, &Keys)>| {
-                let cur: &[Box<[u8]>] = e.map_or(&[], |(_, v)| &v[..]);
-                if cur.iter().any(|k| &k[..] == key) {
-                    return Operation::Abort(());
-                }
-                let mut v = cur.to_vec();
-                v.push(Box::from(key));
-                Operation::Insert(Arc::from(v))
-            },
-            &g,
-        );
+        let set =
+            self.index
+                .get_or_insert_with(Box::from(pkey), || Arc::new(papaya::HashSet::new()), &g);
+        set.pin().insert(Box::from(key));
     }
 
     fn index_remove(&self, pkey: &[u8], key: &[u8]) {
         let g = self.index.guard();
-        self.index.compute(
-            Box::from(pkey),
-            |e: Option<(&Box<[u8]>, &Keys)>| {
-                let Some((_, cur)) = e else {
-                    return Operation::Abort(());
-                };
-                if !cur.iter().any(|k| &k[..] == key) {
-                    return Operation::Abort(());
-                }
-                let v: Vec<Box<[u8]>> = cur.iter().filter(|k| &k[..] != key).cloned().collect();
-                if v.is_empty() {
-                    Operation::Remove
-                } else {
-                    Operation::Insert(Arc::from(v))
-                }
-            },
-            &g,
-        );
+        if let Some(set) = self.index.get(pkey, &g) {
+            set.pin().remove(key);
+        }
     }
 
     /// Atomic read-modify-write of one watcher, as [`PresenceTable::update_presentity`]:
@@ -622,13 +607,13 @@ pub(crate) mod tests {
         let mut k = Vec::new();
         w.key(&mut k);
         assert!(t.apply_watcher(&k, &w, false));
-        assert_eq!(t.watchers_of(&w.presentity).len(), 1);
+        assert_eq!(t.watcher_count(&w.presentity), 1);
         assert!(!t.apply_watcher(&k, &watcher("c1", 4), false));
         // An end older than what we hold is ignored; a newer one removes it.
         assert!(!t.apply_watcher(&k, &watcher("c1", 5), true));
         assert!(t.apply_watcher(&k, &watcher("c1", 6), true));
         assert!(t.watcher(&k).is_none());
-        assert_eq!(t.watchers_of(&w.presentity).len(), 0);
+        assert_eq!(t.watcher_count(&w.presentity), 0);
         // The end of a watcher never seen adds nothing.
         assert!(!t.apply_watcher(&k, &watcher("c1", 9), true));
         assert_eq!(t.watchers(), 0);
