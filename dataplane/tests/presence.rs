@@ -693,3 +693,70 @@ fn blf_watchers_hear_of_a_call_through_the_node() {
     assert!(body(&n2).contains("confirmed"), "{n2}");
     assert!(version(&n2) > version(&n1));
 }
+
+#[test]
+fn a_fetch_an_unacceptable_accept_and_an_old_cseq() {
+    let mut p = harness();
+    let src = udp_source(WATCHER);
+    // RFC 6665 §4.4.3: Expires 0 out of a dialog is a fetch: 200 and one final NOTIFY
+    // with the state, no subscription kept.
+    p.h.send_from(&subscribe("alice", "presence", "fe", 1, "", 0), &src);
+    let s = sent(&p.h);
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert!(s[0].1.starts_with("SIP/2.0 200 OK\r\n"));
+    assert_eq!(header(&s[0].1, "Expires"), Some("0"));
+    assert_eq!(
+        header(&s[1].1, "Subscription-State"),
+        Some("terminated;reason=timeout")
+    );
+    assert_eq!(p.table.watchers(), 0);
+    // RFC 6665 §4.2.1.1: an Accept without the package's type is 406.
+    let m = subscribe("alice", "presence", "ac", 1, "", 600).replace(
+        "Event: presence\r\n",
+        "Event: presence\r\nAccept: text/plain\r\n",
+    );
+    let r = p.h.send_from(&m, &src);
+    assert!(r.starts_with("SIP/2.0 406 "), "{r}");
+    assert_eq!(header(&r, "Accept"), Some("application/pidf+xml"));
+    // RFC 3261 §12.2.2: a request of the dialog with a lower CSeq is 500.
+    let (tag, n) = subscribed(&mut p, "presence", "cs");
+    p.h.send_from(&ok_to(&n, 200), &src);
+    p.h.send_from(&subscribe("alice", "presence", "cs", 5, &tag, 600), &src);
+    let r =
+        p.h.send_from(&subscribe("alice", "presence", "cs", 4, &tag, 600), &src);
+    assert!(r.starts_with("SIP/2.0 500 "), "{r}");
+}
+
+#[test]
+fn dialog_publications_are_merged_into_the_blf_document() {
+    let mut p = harness();
+    let (_, n0) = subscribed(&mut p, "dialog", "dp");
+    p.h.send_from(&ok_to(&n0, 200), &udp_source(WATCHER));
+    let doc = "<?xml version=\"1.0\"?><dialog-info xmlns=\"urn:ietf:params:xml:ns:dialog-info\" \
+               version=\"0\" state=\"full\" entity=\"sip:alice@example.com\"><dialog id=\"pub1\" \
+               direction=\"initiator\"><state>confirmed</state></dialog></dialog-info>";
+    // A PIDF type for the dialog package is 415.
+    let r = p.h.send_from(
+        &publish(1, "z9hG4bKd1", &["Event: dialog"], doc),
+        &udp_source(PUBLISHER),
+    );
+    assert!(r.starts_with("SIP/2.0 415 "), "{r}");
+    assert_eq!(header(&r, "Accept"), Some("application/dialog-info+xml"));
+    p.h.send_from(
+        &publish(
+            2,
+            "z9hG4bKd2",
+            &["Event: dialog", "Content-Type: application/dialog-info+xml"],
+            doc,
+        ),
+        &udp_source(PUBLISHER),
+    );
+    let s = sent(&p.h);
+    assert!(s[0].1.starts_with("SIP/2.0 200 OK\r\n"), "{}", s[0].1);
+    let n = &s[1].1;
+    assert!(n.starts_with("NOTIFY "));
+    assert!(
+        body(n).contains("id=\"pub1\"") && body(n).contains("confirmed"),
+        "{n}"
+    );
+}
