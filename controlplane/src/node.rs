@@ -92,6 +92,7 @@ impl Node {
     ) -> std::io::Result<Node> {
         let n = config.io.workers;
         let usrloc = Arc::new(Usrloc::new(config.usrloc_capacity));
+        let presence = Arc::new(PresenceTable::new(4096));
         // Recovery: what the store holds is in the table before anything is served.
         let mut recovered = LoadReport::default();
         let mut persisted_tags = Vec::new();
@@ -119,6 +120,14 @@ impl Node {
                     recovered.expired
                 );
             }
+            let (pubs, watchers, gone) = store
+                .load_presence(&presence, io::now_millis())
+                .map_err(other)?;
+            if pubs + watchers + gone > 0 {
+                eprintln!(
+                    "sipd: recovery: {pubs} publications and {watchers} watchers loaded; {gone} had expired and were dropped"
+                );
+            }
             persisted_tags = store.load_tag_terms().map_err(other)?;
             Some(Arc::new(store))
         } else {
@@ -143,6 +152,7 @@ impl Node {
             Some(st) => Some(Persister::start(
                 st.clone(),
                 usrloc.clone(),
+                config.presence.is_some().then(|| presence.clone()),
                 PersistConfig {
                     durability: config.store.durability,
                     flush_ms: config.store.flush_ms,
@@ -194,7 +204,6 @@ impl Node {
                 })
                 .collect::<Vec<_>>(),
         ));
-        let presence = Arc::new(PresenceTable::new(4096));
         let presence_stats: Vec<Arc<PresenceStats>> = (0..n).map(|_| Arc::default()).collect();
         let producers: Arc<Mutex<Vec<Option<ChangeProducer>>>> = Arc::new(Mutex::new(producers));
         // NAT keepalives: the control plane schedules, each worker sends from its ring.

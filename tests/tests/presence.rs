@@ -232,3 +232,49 @@ fn in_a_cluster_each_watcher_hears_a_publication_once() {
     assert_eq!(n2.stop(), Some(0));
     assert_eq!(n1.stop(), Some(0));
 }
+
+#[test]
+fn publications_and_watchers_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("sipmesh-presence-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.display().to_string();
+    let a = SocketAddr::new(own_ip().into(), 7201);
+    let n = Sipd::start_on(a, TEST_CONFIG, &["--data-dir", &d]);
+    let (w, p) = (Endpoint::new(), Endpoint::new());
+    w.send(a, &subscribe(&w, "keep-1"));
+    let got = w.collect(Duration::from_millis(600));
+    assert!(got.iter().any(|(_, m)| m.starts_with("NOTIFY ")), "{got:?}");
+    p.send(a, &publish(&p, 1, "open"));
+    let got = w.collect(Duration::from_millis(600));
+    assert!(
+        got.iter().any(|(_, m)| m.contains("<basic>open</basic>")),
+        "{got:?}"
+    );
+    assert_eq!(n.stop(), Some(0));
+    // Back from the store: the publication and the subscription.
+    let n = Sipd::start_on(a, TEST_CONFIG, &["--data-dir", &d]);
+    let err = n.stderr.lock().unwrap().clone();
+    assert!(
+        err.contains("recovery: 1 publications and 1 watchers loaded"),
+        "{err}"
+    );
+    let show = n.sipctl_json(&["presence", "show", "sip:alice@example.com"]);
+    assert!(
+        show["document"].as_str().unwrap().contains("open"),
+        "{show}"
+    );
+    // A second device publishes: the watcher of before the restart hears both tuples.
+    p.send(a, &publish(&p, 2, "closed"));
+    let got = w.collect(Duration::from_millis(600));
+    let notify = got
+        .iter()
+        .find(|(_, m)| m.starts_with("NOTIFY "))
+        .unwrap_or_else(|| panic!("no NOTIFY after the restart: {got:?}"));
+    assert!(
+        notify.1.contains("id=\"t1\"") && notify.1.contains("id=\"t2\""),
+        "{}",
+        notify.1
+    );
+    assert_eq!(n.stop(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

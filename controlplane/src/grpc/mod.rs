@@ -714,9 +714,12 @@ fn end_expired_dialogs(shared: &Shared) {
 /// Presence changes a peer made: into the tables (newest version wins), with no side
 /// effect of their own; the watchers of what changed that this node acts on are then
 /// notified by a worker, on the control plane's order (the worker checks ownership).
-fn apply_presence(shared: &Shared, rec: &ChangeRecord) {
+/// Returns whether a presence table changed (the record is then persisted).
+fn apply_presence(shared: &Shared, rec: &ChangeRecord) -> bool {
     use sipmesh_dataplane::presence::winfo_key;
-    let Some(t) = &shared.presence else { return };
+    let Some(t) = &shared.presence else {
+        return false;
+    };
     let (changed, notify) = match &rec.change {
         Change::PublishUpsert {
             key,
@@ -739,13 +742,14 @@ fn apply_presence(shared: &Shared, rec: &ChangeRecord) {
                     order_notify(shared, t, &k);
                 }
             }
-            return;
+            return false;
         }
-        _ => return,
+        _ => return false,
     };
     if changed {
         order_notify(shared, t, &notify);
     }
+    changed
 }
 
 /// Orders a worker to notify the watchers of presentity `pkey` (when it has any).
@@ -906,8 +910,8 @@ fn apply_batch(
                 match ChangeRecord::decode_from_slice(f) {
                     Ok((rec, _)) => {
                         apply_dialog(shared, &rec);
-                        apply_presence(shared, &rec);
-                        if shared.usrloc.apply_remote(&rec) != Applied::Kept
+                        let presence = apply_presence(shared, &rec);
+                        if (presence || shared.usrloc.apply_remote(&rec) != Applied::Kept)
                             && shared.persist.is_some()
                         {
                             applied.put_u32_le(f.len() as u32);
@@ -1111,7 +1115,10 @@ fn apply_snapshot_chunk(shared: &Shared, records: &[u8]) -> Result<Digest, Strin
                 continue;
             }
             ChangeRef::PublishUpsert { .. } | ChangeRef::WatcherUpsert { .. } => {
-                apply_presence(shared, &rec);
+                if apply_presence(shared, &rec) && persist.is_some() {
+                    applied.put_u32_le(f.len() as u32);
+                    applied.put_slice(f);
+                }
                 continue;
             }
             ChangeRef::BindingRemove { .. }

@@ -1,8 +1,11 @@
 //! Restart persistence: RocksDB under the data directory, fed by the change stream.
 //!
 //! * One column family per data class: `contacts`, `dialogs`, `presentities`, `watchers`,
-//!   `tag_terms`, and `node` (format marker and node identity). Dialogs, presentities,
-//!   watchers and tag terms get their families now and their rows when those tables exist.
+//!   `tag_terms`, and `node` (format marker and node identity). Dialogs get their family
+//!   now and their rows when they are stored.
+//! * A publication row is keyed by its presentity key (event package, a zero octet, the
+//!   AoR), a zero octet and its entity tag; a watcher row by the watcher key. Values: the
+//!   format version octet and the bincode encoding.
 //! * A contact row is keyed by (AoR, contact, `+sip.instance`, reg-id), each part length
 //!   prefixed, so an AoR's rows are adjacent; its value is a format version octet and the
 //!   bincode encoding of the binding. A value of another version is refused, never misread.
@@ -21,6 +24,7 @@ use std::time::Instant;
 use rocksdb::{
     ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
 };
+use sipmesh_cluster::presence::{PresenceTable, Publication, Watcher};
 use sipmesh_cluster::usrloc::{AorRecord, Binding, Update, Usrloc};
 use sipmesh_cluster::{BINCODE_CONFIG, Change, ChangeRecord};
 
@@ -176,6 +180,33 @@ fn decode_binding_body(v: &[u8]) -> Result<Binding, StoreError> {
         )));
     }
     Ok(b)
+}
+
+/// The row of publication `etag` of presentity `pkey`.
+pub fn publication_row(pkey: &[u8], etag: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(pkey.len() + 1 + etag.len());
+    k.extend_from_slice(pkey);
+    k.push(0);
+    k.extend_from_slice(etag);
+    k
+}
+
+/// A presence row's value: the format version octet and the bincode encoding.
+pub fn encode_row<T: bincode::Encode>(v: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT_VERSION];
+    // Writing into a Vec cannot fail.
+    let _ = bincode::encode_into_std_write(v, &mut out, BINCODE_CONFIG);
+    out
+}
+
+fn decode_row<T: bincode::Decode<()>>(v: &[u8]) -> Option<T> {
+    let (&ver, body) = v.split_first()?;
+    if ver != FORMAT_VERSION {
+        return None;
+    }
+    bincode::decode_from_slice(body, BINCODE_CONFIG)
+        .ok()
+        .map(|(x, _)| x)
 }
 
 /// The contact row a change record touches: (AoR, key); `None` for a dialog or presence
@@ -373,6 +404,61 @@ impl Store {
         }
         report.seconds = t0.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// Recovery of presence: every live publication and watcher into `t`; those that
+    /// expired while the node was down are deleted. Returns (publications, watchers,
+    /// expired).
+    pub fn load_presence(
+        &self,
+        t: &PresenceTable,
+        now_ms: u64,
+    ) -> Result<(u64, u64, u64), StoreError> {
+        let bad = |what: &str| {
+            StoreError(format!(
+                "data directory {}: a {what} row is malformed",
+                self.dir.display()
+            ))
+        };
+        let mut dead = WriteBatch::default();
+        let (mut pubs, mut watchers, mut expired) = (0, 0, 0);
+        let cf = self.cf(CF_PRESENTITIES);
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_err(&self.dir, "read presentities", e))?;
+            let i = k
+                .iter()
+                .rposition(|&b| b == 0)
+                .ok_or_else(|| bad("publication"))?;
+            let p: Publication = decode_row(&v).ok_or_else(|| bad("publication"))?;
+            if p.expires_ms <= now_ms {
+                expired += 1;
+                dead.delete_cf(cf, &k);
+            } else if t.apply_publish(&k[..i], b"", &p) {
+                pubs += 1;
+            }
+        }
+        let cf = self.cf(CF_WATCHERS);
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_err(&self.dir, "read watchers", e))?;
+            let w: Watcher = decode_row(&v).ok_or_else(|| bad("watcher"))?;
+            if w.expires_ms <= now_ms {
+                expired += 1;
+                dead.delete_cf(cf, &k);
+            } else if t.apply_watcher(&k, &w, false) {
+                watchers += 1;
+            }
+        }
+        if !dead.is_empty() {
+            self.db
+                .write(dead)
+                .map_err(|e| db_err(&self.dir, "delete expired presence", e))?;
+        }
+        Ok((pubs, watchers, expired))
+    }
+
+    /// The presentities and watchers column families (for write batches).
+    pub fn presence_families(&self) -> (&rocksdb::ColumnFamily, &rocksdb::ColumnFamily) {
+        (self.cf(CF_PRESENTITIES), self.cf(CF_WATCHERS))
     }
 
     /// Writes a batch; `sync` waits for the write-ahead log to reach the disk.

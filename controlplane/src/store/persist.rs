@@ -28,10 +28,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rocksdb::WriteBatch;
 use sipmesh_cluster::ChangeRecord;
+use sipmesh_cluster::presence::PresenceTable;
 use sipmesh_cluster::usrloc::Usrloc;
 use sipmesh_dataplane::durable::DurableShared;
 
-use super::{Store, contact_key, encode_binding, record_key};
+use super::{Store, contact_key, encode_binding, encode_row, publication_row, record_key};
 use crate::grpc::convert::frames;
 use crate::metrics::Histogram;
 
@@ -140,6 +141,7 @@ impl Persister {
     pub fn start(
         store: Arc<Store>,
         usrloc: Arc<Usrloc>,
+        presence: Option<Arc<PresenceTable>>,
         cfg: PersistConfig,
         gates: Vec<Arc<DurableShared>>,
     ) -> std::io::Result<Persister> {
@@ -149,7 +151,7 @@ impl Persister {
         let durability = cfg.durability;
         let thread = std::thread::Builder::new()
             .name("sipd-persist".into())
-            .spawn(move || run(store, usrloc, cfg, gates, rx, st))?;
+            .spawn(move || run(store, usrloc, presence, cfg, gates, rx, st))?;
         Ok(Persister {
             tx,
             thread: Some(thread),
@@ -177,6 +179,7 @@ impl Persister {
 fn run(
     store: Arc<Store>,
     usrloc: Arc<Usrloc>,
+    presence: Option<Arc<PresenceTable>>,
     cfg: PersistConfig,
     gates: Vec<Arc<DurableShared>>,
     rx: Receiver<Msg>,
@@ -201,7 +204,14 @@ fn run(
         let mut touched = Touched::new();
         let mut take = |m: Msg, batch: &mut WriteBatch, positions: &mut Option<Vec<u64>>| match m {
             Msg::Records(f, peer) => {
-                n += add_rows(&store, &usrloc, &f, batch, peer.then_some(&mut touched))
+                n += add_rows(
+                    &store,
+                    &usrloc,
+                    presence.as_deref(),
+                    &f,
+                    batch,
+                    peer.then_some(&mut touched),
+                )
             }
             Msg::Positions(p) => *positions = Some(p),
         };
@@ -284,6 +294,7 @@ type Touched = HashMap<Box<[u8]>, Vec<Vec<u8>>>;
 fn add_rows(
     store: &Store,
     usrloc: &Usrloc,
+    presence: Option<&PresenceTable>,
     frames_buf: &[u8],
     batch: &mut WriteBatch,
     mut touched: Option<&mut Touched>,
@@ -295,6 +306,12 @@ fn add_rows(
             continue;
         };
         let Some((aor, key)) = record_key(&rec) else {
+            // Presence: the row named takes what the table holds now.
+            if let Some(t) = presence
+                && presence_rows(store, t, &rec.change, batch)
+            {
+                n += 1;
+            }
             continue;
         };
         let (contact, instance, reg_id) = match &rec.change {
@@ -307,7 +324,6 @@ fn add_rows(
                 reg_id,
                 ..
             } => (&contact[..], &instance[..], *reg_id),
-            // Dialog and presence records are not stored.
             _ => continue,
         };
         let now_value = usrloc.read(aor, |r| {
@@ -333,6 +349,46 @@ fn add_rows(
         n += 1;
     }
     n
+}
+
+/// Writes (or deletes) the presence rows a record names, as the table holds them now.
+/// False when the record is not a presence one (dialogs are not stored).
+fn presence_rows(
+    store: &Store,
+    t: &PresenceTable,
+    change: &sipmesh_cluster::Change,
+    batch: &mut WriteBatch,
+) -> bool {
+    use sipmesh_cluster::Change;
+    let (pcf, wcf) = store.presence_families();
+    let mut publication = |key: &[u8], etag: &[u8]| {
+        let row = publication_row(key, etag);
+        match t.presentity(key).and_then(|p| p.find(etag).map(encode_row)) {
+            Some(v) => batch.put_cf(pcf, &row, v),
+            None => batch.delete_cf(pcf, &row),
+        }
+    };
+    match change {
+        Change::PublishUpsert {
+            key,
+            replaces,
+            publication: p,
+        } => {
+            publication(key, &p.etag);
+            if !replaces.is_empty() {
+                publication(key, replaces);
+            }
+        }
+        Change::PublishRemove { key, etag, .. } => publication(key, etag),
+        Change::WatcherUpsert { key, .. } | Change::WatcherEnd { key, .. } => {
+            match t.watcher(key).map(|w| encode_row(&*w)) {
+                Some(v) => batch.put_cf(wcf, key, v),
+                None => batch.delete_cf(wcf, key),
+            }
+        }
+        _ => return false,
+    }
+    true
 }
 
 /// Deletes, for every AoR the batch touched, the rows the table no longer holds: those in

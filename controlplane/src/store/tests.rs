@@ -604,7 +604,7 @@ fn persister_async_writes_the_tables_current_state() {
     let tmp = TempDir::new("persist_async");
     let store = Arc::new(Store::open(tmp.path(), 1, 1).unwrap());
     let u = Arc::new(Usrloc::new(0));
-    let p = Persister::start(store.clone(), u.clone(), async_config(), Vec::new()).unwrap();
+    let p = Persister::start(store.clone(), u.clone(), None, async_config(), Vec::new()).unwrap();
     assert_eq!(p.durability, Durability::Async);
     let tx = p.sender();
     let records = |n| {
@@ -709,7 +709,7 @@ fn persister_sync_publishes_durable_positions_after_the_write() {
         flush_ms: 2,
         wal_sync_ms: 20,
     };
-    let p = Persister::start(store.clone(), u.clone(), cfg, gates.clone()).unwrap();
+    let p = Persister::start(store.clone(), u.clone(), None, cfg, gates.clone()).unwrap();
     assert_eq!(p.durability, Durability::Sync);
     let tx = p.sender();
 
@@ -842,7 +842,7 @@ fn a_binding_replaced_under_another_key_stays_replaced_after_a_restart() {
     let tmp = TempDir::new("replaced_key");
     let store = Arc::new(Store::open(tmp.path(), 1, 1).unwrap());
     let u = Arc::new(Usrloc::new(0));
-    let p = Persister::start(store.clone(), u.clone(), async_config(), Vec::new()).unwrap();
+    let p = Persister::start(store.clone(), u.clone(), None, async_config(), Vec::new()).unwrap();
     let tx = p.sender();
     let stats = p.stats.clone();
     let records = |n| {
@@ -921,7 +921,7 @@ fn a_binding_replaced_within_one_batch_is_not_written() {
         flush_ms: 400,
         wal_sync_ms: 1000,
     };
-    let p = Persister::start(store.clone(), u.clone(), cfg, Vec::new()).unwrap();
+    let p = Persister::start(store.clone(), u.clone(), None, cfg, Vec::new()).unwrap();
     let tx = p.sender();
     let aor: &[u8] = b"erin@example.com";
     let old = bind("sip:e@192.0.2.5;ob", "<urn:uuid:e>", 1, 5000, 10);
