@@ -893,7 +893,7 @@ impl Config {
         }
         let presence = ps
             .enabled
-            .then(|| sipmesh_dataplane::presence::PresenceConfig {
+            .then_some(sipmesh_dataplane::presence::PresenceConfig {
                 min_expires: ps.min_expires,
                 max_expires: ps.max_expires,
                 default_expires: ps.default_expires,
@@ -994,6 +994,13 @@ mod tests {
                 "usrloc.change_ring_bytes",
             ),
             ("[node]\nid = 0\n", "node.id"),
+            ("[proxy]\nenabled = false\n", "presence.enabled"),
+            ("[presence]\nmin_expires = 0\n", "presence.min_expires"),
+            (
+                "[presence]\ndefault_expires = 10\n",
+                "presence.default_expires",
+            ),
+            ("[presence]\nmax_watchers = 0\n", "presence.max_watchers"),
             ("[grpc]\nlisten = \"x\"\n", "grpc.listen"),
             ("[node]\npeer_url = \"ftp://a:1\"\n", "node.peer_url"),
             (
