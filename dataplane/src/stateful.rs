@@ -246,6 +246,8 @@ pub struct Proxy {
     pub(crate) presence: Option<crate::presence::PresenceShare>,
     /// Calls whose new state BLF watchers are to hear of (after the message at hand).
     blf: Vec<Dialog>,
+    /// Watchers to NOTIFY when the driver has room (see `notify_presentity`).
+    pub(crate) notify_queue: std::collections::VecDeque<Box<[u8]>>,
 }
 
 /// Next hop of a URI with a literal address (no DNS here).
@@ -302,6 +304,7 @@ impl Proxy {
             cdr: Vec::with_capacity(2048),
             presence: None,
             blf: Vec::new(),
+            notify_queue: std::collections::VecDeque::new(),
         }
     }
 
@@ -1274,6 +1277,9 @@ impl Proxy {
         if !self.blf.is_empty() {
             self.flush_blf(now, out);
         }
+        if !self.notify_queue.is_empty() {
+            self.drain_notifies(now, out);
+        }
         fate
     }
 
@@ -1628,6 +1634,9 @@ impl Proxy {
         self.ended = ended;
         if !self.blf.is_empty() {
             self.flush_blf(now, out);
+        }
+        if !self.notify_queue.is_empty() {
+            self.drain_notifies(now, out);
         }
     }
 }

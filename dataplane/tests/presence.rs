@@ -760,3 +760,45 @@ fn dialog_publications_are_merged_into_the_blf_document() {
         "{n}"
     );
 }
+
+#[test]
+fn a_large_fan_out_is_paced_by_the_drivers_room_and_nothing_is_dropped() {
+    let mut p = harness();
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let (_, n) = subscribed(&mut p, "presence", &format!("pace{i}"));
+        p.h.send_from(&ok_to(&n, 200), &udp_source(WATCHER));
+        keys.push(n);
+    }
+    // Room for the 200 and the reserve only: no NOTIFY fits in this call.
+    p.h.out.limit = 17;
+    p.h.send_from(
+        &publish(
+            1,
+            "z9hG4bKpace",
+            &["Event: presence"],
+            &pidf("sip:alice@example.com", "t", "open"),
+        ),
+        &udp_source(PUBLISHER),
+    );
+    let s = sent(&p.h);
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert!(s[0].1.starts_with("SIP/2.0 200 "));
+    // Room for two at the next tick, the last one at the one after.
+    p.h.out.limit = 18;
+    p.h.advance(1);
+    assert_eq!(sent(&p.h).len(), 2);
+    p.h.advance(1);
+    let s = sent(&p.h);
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert!(s[0].1.starts_with("NOTIFY "));
+    p.h.out.limit = usize::MAX;
+    p.h.advance(1);
+    assert!(sent(&p.h).is_empty());
+    let st = &p.stats;
+    assert_eq!(
+        st.notifies_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}

@@ -60,6 +60,12 @@ pub trait Outbox {
     /// writes the message and returns its length (0: send nothing). The driver queues the
     /// bytes for sending (batched) without allocating.
     fn send(&mut self, to: Dest, fill: impl FnOnce(&mut [u8]) -> usize);
+    /// How many more UDP datagrams this call can hand over without any being dropped
+    /// (the driver's free send buffers); a large fan-out sends while there is room and
+    /// the rest at the next call.
+    fn room(&self) -> usize {
+        usize::MAX
+    }
     /// Close a TCP connection (after what was already queued on it is sent).
     fn close(&mut self, conn: ConnId);
 }

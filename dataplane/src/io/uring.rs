@@ -241,6 +241,10 @@ struct UringOut<'a> {
 }
 
 impl Outbox for UringOut<'_> {
+    fn room(&self) -> usize {
+        self.tx.pool.free.len()
+    }
+
     fn send(&mut self, to: Dest, fill: impl FnOnce(&mut [u8]) -> usize) {
         match to {
             Dest::Udp(addr) => {

@@ -131,6 +131,8 @@ pub struct PresenceStats {
     pub notify_failures: AtomicU64,
     /// NOTIFYs a change caused for watchers another node acts on (not sent here).
     pub not_owner: AtomicU64,
+    /// NOTIFYs not sent: the worker's queue of NOTIFYs waiting for room was full.
+    pub notifies_dropped: AtomicU64,
     /// Publications removed by expiry.
     pub publications_expired: AtomicU64,
     /// Watchers removed by expiry.
@@ -155,6 +157,11 @@ pub struct PresenceShare {
 
 /// The ownership slot of presence data (presentities and watchers carry no tag yet).
 const DEFAULT_TAG_SLOT: usize = 0;
+
+/// Datagrams of the driver's room a NOTIFY fan-out leaves for other sends.
+const NOTIFY_ROOM_RESERVE: usize = 16;
+/// Most NOTIFYs a worker holds back for lack of room (beyond: counted and dropped).
+const MAX_QUEUED_NOTIFIES: usize = 1 << 20;
 
 /// 2024-01-01 in unix ms: the origin of the clock floor of NOTIFY CSeqs.
 const CSEQ_EPOCH_MS: u64 = 1_704_067_200_000;
@@ -881,17 +888,15 @@ impl Proxy {
         v
     }
 
-    /// Notifies the watchers of presentity `pkey` that this node acts on.
+    /// Notifies the watchers of presentity `pkey` that this node acts on: they join the
+    /// worker's NOTIFY queue, sent as far as the driver has room now, the rest with the
+    /// next messages and ticks (a fan-out to thousands is paced, never dropped).
     pub(crate) fn notify_presentity<O: Outbox>(&mut self, pkey: &[u8], now: Millis, out: &mut O) {
         let Some(p) = self.presence.as_ref() else {
             return;
         };
-        let keys = p.table.watchers_of(pkey);
-        for k in keys.iter() {
-            let Some(p) = self.presence.as_ref() else {
-                return;
-            };
-            let Some(w) = p.table.watcher(k) else {
+        for k in p.table.watchers_of(pkey) {
+            let Some(w) = p.table.watcher(&k) else {
                 continue;
             };
             if !p
@@ -902,6 +907,25 @@ impl Proxy {
                 p.stats.not_owner.fetch_add(1, Relaxed);
                 continue;
             }
+            if self.notify_queue.len() >= MAX_QUEUED_NOTIFIES {
+                p.stats.notifies_dropped.fetch_add(1, Relaxed);
+                continue;
+            }
+            self.notify_queue.push_back(k);
+        }
+        self.drain_notifies(now, out);
+    }
+
+    /// Sends queued NOTIFYs while the driver has room (a few datagrams kept for the
+    /// replies of the message at hand).
+    pub(crate) fn drain_notifies<O: Outbox>(&mut self, now: Millis, out: &mut O) {
+        while out.room() > NOTIFY_ROOM_RESERVE {
+            let Some(k) = self.notify_queue.pop_front() else {
+                return;
+            };
+            let Some(w) = self.presence.as_ref().and_then(|p| p.table.watcher(&k)) else {
+                continue;
+            };
             self.send_notify(&w, None, None, now, out);
         }
     }

@@ -17,6 +17,8 @@ pub struct VecOutbox {
     pub buf: Vec<u8>,
     pub sent: Vec<(Dest, usize, usize)>,
     pub closed: Vec<ConnId>,
+    /// Datagrams one call may send (like a driver's send buffers; default: unlimited).
+    pub limit: usize,
 }
 
 impl VecOutbox {
@@ -25,6 +27,7 @@ impl VecOutbox {
             buf: vec![0; 1 << 20],
             sent: Vec::with_capacity(1024),
             closed: Vec::new(),
+            limit: usize::MAX,
         }
     }
 
@@ -47,6 +50,10 @@ impl VecOutbox {
 }
 
 impl Outbox for VecOutbox {
+    fn room(&self) -> usize {
+        self.limit.saturating_sub(self.sent.len())
+    }
+
     fn send(&mut self, to: Dest, fill: impl FnOnce(&mut [u8]) -> usize) {
         let off = self.sent.last().map_or(0, |&(_, o, l)| o + l);
         let n = fill(&mut self.buf[off..off + 65_535]);
