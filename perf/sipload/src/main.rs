@@ -203,6 +203,8 @@ struct Call {
     /// Steps already passed that received a message (retransmissions of theirs are
     /// ignored).
     seen_codes: Vec<u16>,
+    /// Call variables (`<assignstr>` in a `<nop>`), `[$name]` in a message.
+    vars: Vec<(String, String)>,
 }
 
 fn header_lines<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
@@ -239,6 +241,22 @@ struct Ctx<'a> {
 /// Fills a template for `call`: keywords replaced, lines that became empty in the head
 /// dropped, `[len]` set to the body's length.
 fn render(t: &str, call: &Call, step: usize, ctx: &Ctx<'_>) -> Vec<u8> {
+    let out = expand(t, call, step, ctx);
+    // Lines of the head that became empty (an absent [last_Record-Route:]) go.
+    let (head, body) = match out.find("\r\n\r\n") {
+        Some(i) => (&out[..i], &out[i + 4..]),
+        None => (out.as_str(), ""),
+    };
+    let head: Vec<&str> = head.split("\r\n").filter(|l| !l.is_empty()).collect();
+    let mut msg = head.join("\r\n");
+    msg.push_str("\r\n\r\n");
+    msg.push_str(body);
+    msg.replace("\u{0}LEN\u{0}", &body.len().to_string())
+        .into_bytes()
+}
+
+/// The keywords of a template replaced (`[len]` by a placeholder that `render` fills).
+fn expand(t: &str, call: &Call, step: usize, ctx: &Ctx<'_>) -> String {
     let o = ctx.o;
     let ipv = if ctx.local.is_ipv4() { "4" } else { "6" };
     let mut out = String::with_capacity(t.len() + 256);
@@ -265,6 +283,26 @@ fn render(t: &str, call: &Call, step: usize, ctx: &Ctx<'_>) -> Vec<u8> {
             "call_id" => out.push_str(&call.call_id),
             "branch" => {
                 out.push_str(&format!("z9hG4bK-{}-{}-{}", ctx.pid, call.number, step));
+            }
+            // The branch of the message N steps back (a CANCEL, the ACK of a non-2xx),
+            // as SIPp numbers them.
+            k if k.starts_with("branch-") && k[7..].parse::<usize>().is_ok() => {
+                let back: usize = k[7..].parse().unwrap_or(0);
+                out.push_str(&format!(
+                    "z9hG4bK-{}-{}-{}",
+                    ctx.pid,
+                    call.number,
+                    step.saturating_sub(back)
+                ));
+            }
+            "last_cseq_number" => {
+                let cseq = header_value(&call.last, "CSeq").unwrap_or("");
+                out.push_str(cseq.split_whitespace().next().unwrap_or(""));
+            }
+            k if k.starts_with('$') => {
+                if let Some((_, v)) = call.vars.iter().find(|(n, _)| n == &k[1..]) {
+                    out.push_str(v);
+                }
             }
             "peer_tag_param" => {
                 if !call.peer_tag.is_empty() {
@@ -301,17 +339,7 @@ fn render(t: &str, call: &Call, step: usize, ctx: &Ctx<'_>) -> Vec<u8> {
         rest = &rest[i + j + 1..];
     }
     out.push_str(rest);
-    // Lines of the head that became empty (an absent [last_Record-Route:]) go.
-    let (head, body) = match out.find("\r\n\r\n") {
-        Some(i) => (&out[..i], &out[i + 4..]),
-        None => (out.as_str(), ""),
-    };
-    let head: Vec<&str> = head.split("\r\n").filter(|l| !l.is_empty()).collect();
-    let mut msg = head.join("\r\n");
-    msg.push_str("\r\n\r\n");
-    msg.push_str(body);
-    msg.replace("\u{0}LEN\u{0}", &body.len().to_string())
-        .into_bytes()
+    out
 }
 
 /// Timer of an unanswered request: doubling from its `retrans` interval, capped at 4 s
@@ -387,6 +415,7 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                 sent: None,
                 pause_until: None,
                 seen_codes: Vec::new(),
+                vars: Vec::new(),
             };
             calls.insert(call.call_id.clone(), call);
         }
@@ -410,6 +439,14 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                             invite,
                             first: now,
                         });
+                        c.step += 1;
+                    }
+                    Step::Nop(assign) => {
+                        for (name, t) in assign {
+                            let v = expand(t, c, c.step, &ctx);
+                            c.vars.retain(|(n, _)| n != name);
+                            c.vars.push((name.clone(), v));
+                        }
                         c.step += 1;
                     }
                     Step::Pause(ms) => {
@@ -504,6 +541,7 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                         sent: None,
                         pause_until: None,
                         seen_codes: Vec::new(),
+                        vars: Vec::new(),
                     },
                 );
             }
@@ -519,12 +557,7 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
             let mut k = c.step;
             let mut matched = None;
             while let Some(Step::Recv { what, optional, .. }) = steps.get(k) {
-                let ok = match (what, code, method) {
-                    (Expect::Response(w), Some(got), _) => *w == got,
-                    (Expect::Request(w), _, Some(m)) => w == m,
-                    _ => false,
-                };
-                if ok {
+                if expects(what, code, method) {
                     matched = Some(k);
                     break;
                 }
@@ -534,9 +567,13 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                 k += 1;
             }
             let Some(k) = matched else {
-                // A retransmission of something already received is ignored; anything
-                // else is unexpected, as SIPp counts it.
-                if code.is_some_and(|x| c.seen_codes.contains(&x)) {
+                // A retransmission of something already received is ignored, and so is a
+                // late message of an optional step already passed; anything else is
+                // unexpected, as SIPp counts it.
+                if code.is_some_and(|x| c.seen_codes.contains(&x))
+                    || late_optional(steps, c.step, code, method)
+                    || only_sends_left(steps, c.step)
+                {
                     continue;
                 }
                 let what = code.map_or_else(
@@ -601,6 +638,56 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
         }
     }
     report
+}
+
+/// Whether a message (a response `code` or a request `method`) is what `what` waits for.
+fn expects(what: &Expect, code: Option<u16>, method: Option<&str>) -> bool {
+    match (what, code, method) {
+        (Expect::Response(w), Some(got), _) => *w == got,
+        (Expect::Request(w), _, Some(m)) => w == m,
+        _ => false,
+    }
+}
+
+/// Whether the call at step `at` waits for nothing more: only its last sends are left
+/// (made at the next turn of the loop). A message then is for a call that SIPp would have
+/// finished already (a 200 to a CANCEL after the 487), ignored as SIPp ignores messages
+/// of dead calls.
+fn only_sends_left(steps: &[Step], at: usize) -> bool {
+    !steps
+        .get(at..)
+        .unwrap_or(&[])
+        .iter()
+        .any(|s| matches!(s, Step::Recv { .. }))
+}
+
+/// Whether a message matches a `recv` before step `at` that a later message overtook (a
+/// 180 relayed after the 200 by another process of a proxy) and is to be ignored, as
+/// SIPp does with "old non-mandatory receptions": an optional step with no mandatory step
+/// between it and the call's current one, or an `optional="global"` one, or any step of
+/// a named transaction (`response_txn`) when the message is a provisional response.
+fn late_optional(steps: &[Step], at: usize, code: Option<u16>, method: Option<&str>) -> bool {
+    let mut contiguous = true;
+    for s in steps[..at.min(steps.len())].iter().rev() {
+        if let Step::Recv {
+            what,
+            optional,
+            global,
+            txn,
+            ..
+        } = s
+            && expects(what, code, method)
+        {
+            let provisional = code.is_some_and(|c| (100..200).contains(&c));
+            if (*optional && (contiguous || *global)) || (*txn && provisional) {
+                return true;
+            }
+        }
+        if !matches!(s, Step::Recv { optional: true, .. }) {
+            contiguous = false;
+        }
+    }
+    false
 }
 
 fn pct(sorted: &[u32], p: f64) -> f64 {
@@ -701,4 +788,42 @@ fn main() {
     } else {
         1
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(f: &str) -> Scenario {
+        let path = format!("{}/../profiles/{f}", env!("CARGO_MANIFEST_DIR"));
+        Scenario::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_late_optional_response_is_not_unexpected() {
+        // call-uac: 0 INVITE, 1 100?, 2 180?, 3 200 (all three of the "invite"
+        // transaction), 4 ACK, 5 pause, 6 BYE, 7 200. At the hold after the ACK, or
+        // waiting for the BYE's 200: a 180 or a 100 that the 200 overtook.
+        let s = load("call-uac.xml");
+        assert!(late_optional(&s.steps, 5, Some(180), None));
+        assert!(late_optional(&s.steps, 7, Some(100), None));
+        // Not before its step has been passed, and not a final response of a mandatory
+        // step.
+        assert!(!late_optional(&s.steps, 1, Some(180), None));
+        assert!(!late_optional(&s.steps, 7, Some(486), None));
+        assert!(!late_optional(&s.steps, 5, Some(200), None));
+        assert!(!late_optional(&s.steps, 7, None, Some("BYE")));
+        // A plain optional step only while no mandatory one has been passed since:
+        // call-cancel-uac's 200 to the CANCEL (5, optional) while at the 487 (6), not
+        // once the 487 has been passed.
+        let c = load("call-cancel-uac.xml");
+        assert!(late_optional(&c.steps, 6, Some(200), None));
+        assert!(!late_optional(&c.steps, 7, Some(200), None));
+        // ... but at 7 only the ACK is left to send: the call is as good as over.
+        assert!(only_sends_left(&c.steps, 7));
+        assert!(!only_sends_left(&c.steps, 6));
+        assert!(!only_sends_left(&s.steps, 5));
+        assert!(expects(&Expect::Response(200), Some(200), None));
+        assert!(!expects(&Expect::Request("ACK".into()), Some(200), None));
+    }
 }

@@ -1,7 +1,9 @@
 //! The SIPp XML scenario subset the bundled profiles use: `<send [retrans=MS]>` with a
-//! CDATA message, `<recv response=CODE | request=METHOD [optional] [rtd] [rrs]>`,
-//! `<pause [milliseconds=MS]/>`. Other elements (`ResponseTimeRepartition` ...) are
-//! ignored. A small reader of its own: the format is a handful of elements with
+//! CDATA message, `<recv response=CODE | request=METHOD [optional=true|global] [rtd]
+//! [rrs] [response_txn=NAME]>`,
+//! `<pause [milliseconds=MS]/>`, and `<nop>` whose `<action>` holds
+//! `<assignstr assign_to=NAME value=TEMPLATE/>` (a call variable, `[$NAME]` in a message).
+//! Other elements (`ResponseTimeRepartition` ...) are ignored. A small reader of its own: the format is a handful of elements with
 //! attributes and CDATA.
 
 use std::fmt;
@@ -19,6 +21,12 @@ pub enum Step {
     Recv {
         what: Expect,
         optional: bool,
+        /// `optional="global"`: a late message of this step is ignored wherever the call
+        /// is, not only while no mandatory step has been passed since (SIPp's rule).
+        global: bool,
+        /// `response_txn=...`: a response of a transaction the scenario names, so a late
+        /// provisional of it is ignored wherever the call is (SIPp's rule).
+        txn: bool,
         /// Response time measured from the call's start to this message.
         rtd: bool,
         /// Record the route set (Record-Route) and the remote target (Contact).
@@ -26,6 +34,9 @@ pub enum Step {
     },
     /// Wait (`None`: the command line's `-d`).
     Pause(Option<u64>),
+    /// No message: assign call variables, each `(name, template)` filled with the
+    /// keywords as they are now (`[last_Via:]` of the message just received ...).
+    Nop(Vec<(String, String)>),
 }
 
 /// What a `recv` waits for.
@@ -165,12 +176,32 @@ impl Scenario {
                         }
                     };
                     let flag = |n: &str| attr(tag, n).is_some_and(|v| v == "true");
+                    let global = attr(tag, "optional").is_some_and(|v| v == "global");
                     steps.push(Step::Recv {
                         what,
-                        optional: flag("optional"),
+                        optional: flag("optional") || global,
+                        global,
+                        txn: attr(tag, "response_txn").is_some(),
                         rtd: flag("rtd"),
                         rrs: flag("rrs"),
                     });
+                }
+                "nop" => steps.push(Step::Nop(Vec::new())),
+                "assignstr" => {
+                    let (Some(name), Some(value)) = (attr(tag, "assign_to"), attr(tag, "value"))
+                    else {
+                        return Err(ParseError(
+                            "an <assignstr> needs assign_to= and value=".into(),
+                        ));
+                    };
+                    match steps.last_mut() {
+                        Some(Step::Nop(assign)) => assign.push((name, value)),
+                        _ => {
+                            return Err(ParseError(
+                                "an <assignstr> is read inside a <nop> only".into(),
+                            ));
+                        }
+                    }
                 }
                 "pause" => {
                     let ms = match attr(tag, "milliseconds") {
@@ -211,24 +242,14 @@ impl Scenario {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_bundled_client_profiles_parse() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../profiles");
-        for f in ["register.xml", "options.xml", "call-uac.xml"] {
-            let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
-            let s = Scenario::parse(&text).unwrap_or_else(|e| panic!("{f}: {e}"));
-            assert!(!s.name.is_empty(), "{f}");
-            let Step::Send { template, .. } = &s.steps[0] else {
-                panic!()
-            };
-            assert!(template.contains("\r\nCall-ID: [call_id]\r\n"), "{f}");
-            assert!(template.ends_with("\r\n"));
-        }
-        let call =
-            Scenario::parse(&std::fs::read_to_string(format!("{dir}/call-uac.xml")).unwrap())
-                .unwrap();
-        let kinds: Vec<String> = call
-            .steps
+    fn load(f: &str) -> Scenario {
+        let path = format!("{}/../profiles/{f}", env!("CARGO_MANIFEST_DIR"));
+        Scenario::parse(&std::fs::read_to_string(path).unwrap())
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+    }
+
+    fn kinds(s: &Scenario) -> Vec<String> {
+        s.steps
             .iter()
             .map(|s| match s {
                 Step::Send { .. } => "send".into(),
@@ -244,10 +265,34 @@ mod tests {
                     ..
                 } => format!("recv {m}"),
                 Step::Pause(_) => "pause".into(),
+                Step::Nop(a) => format!("nop {}", a.len()),
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn the_bundled_client_profiles_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../profiles");
+        for f in [
+            "register.xml",
+            "reregister.xml",
+            "unregister.xml",
+            "options.xml",
+            "call-uac.xml",
+            "call-cancel-uac.xml",
+        ] {
+            let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
+            let s = Scenario::parse(&text).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(!s.name.is_empty(), "{f}");
+            let Step::Send { template, .. } = &s.steps[0] else {
+                panic!()
+            };
+            assert!(template.contains("\r\nCall-ID: [call_id]\r\n"), "{f}");
+            assert!(template.ends_with("\r\n"));
+        }
+        let call = load("call-uac.xml");
         assert_eq!(
-            kinds,
+            kinds(&call),
             vec![
                 "send",
                 "recv 100?",
@@ -286,5 +331,46 @@ mod tests {
         let e = Scenario::parse("<scenario><send retrans=\"x\"><![CDATA[A]]></send></scenario>")
             .unwrap_err();
         assert!(e.0.contains("retrans"), "{e}");
+    }
+
+    #[test]
+    fn the_cancel_profiles_keep_the_invite_vias_in_a_variable() {
+        let uac = load("call-cancel-uac.xml");
+        assert_eq!(
+            kinds(&uac),
+            vec![
+                "send",
+                "recv 100?",
+                "recv 180",
+                "pause",
+                "send",
+                "recv 200?",
+                "recv 487",
+                "send"
+            ]
+        );
+        let uas = load("call-cancel-uas.xml");
+        assert!(uas.is_server());
+        assert_eq!(
+            kinds(&uas),
+            vec![
+                "recv INVITE",
+                "nop 1",
+                "send",
+                "recv CANCEL",
+                "send",
+                "send",
+                "recv ACK"
+            ]
+        );
+        assert_eq!(
+            uas.steps[1],
+            Step::Nop(vec![("inv_via".into(), "[last_Via:]".into())])
+        );
+        let e = Scenario::parse(
+            "<scenario><send><![CDATA[A]]></send><assignstr assign_to=\"x\" value=\"y\"/></scenario>",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("<nop>"), "{e}");
     }
 }

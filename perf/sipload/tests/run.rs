@@ -1,5 +1,6 @@
-//! `sipload` end to end against a running `sipd`: the bundled register and OPTIONS
-//! profiles, a short run each, every call successful.
+//! `sipload` end to end against a running `sipd`: the bundled register, refresh,
+//! unregister and OPTIONS profiles, a short run each, every call successful; both sides
+//! of calls through the proxy, answered and cancelled while ringing.
 
 use std::process::Command;
 
@@ -68,6 +69,80 @@ fn sipload_runs_the_register_and_options_profiles_with_no_failure() {
     );
     let r = sipload(&sipd, "options.xml", 6310, 3000, 3000);
     assert_eq!(value(&r, "successful"), "3000", "{r}");
+    // A refresh (same Call-ID, CSeq 2) and a removal (Expires: 0) after each REGISTER.
+    let r = sipload(&sipd, "reregister.xml", 6320, 1000, 1000);
+    assert_eq!(value(&r, "successful"), "1000", "{r}");
+    let r = sipload(&sipd, "unregister.xml", 6330, 1000, 1000);
+    assert_eq!(value(&r, "successful"), "1000", "{r}");
+    assert!(
+        sipd.wait_change(
+            &["op=remove", "aor=unreg1000@example.com"],
+            std::time::Duration::from_secs(5)
+        )
+        .is_some()
+    );
+}
+
+/// Registers bob from `uas`, the address its sipload callee will answer on.
+fn register_callee(sipd: &Sipd, uas: std::net::SocketAddr) {
+    let sock = std::net::UdpSocket::bind(uas).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let contact = format!("Contact: <sip:bob@{uas}>");
+    let reg = sipmesh_tests::register(uas, "UDP", "bob", "bob-reg", 1, &[&contact]);
+    sock.send_to(reg.as_bytes(), sipd.addr).unwrap();
+    let mut buf = [0u8; 4096];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"SIP/2.0 200"));
+}
+
+#[test]
+fn sipload_plays_both_sides_of_calls_cancelled_while_ringing() {
+    let sipd = Sipd::start(TEST_CONFIG, &[]);
+    let uas = std::net::SocketAddr::new(client_ip().into(), 6392);
+    register_callee(&sipd, uas);
+    let profiles = repo_root().join("perf/profiles");
+    // The callee keeps the INVITE's Vias (a <nop> assignstr) for its 487.
+    let callee = Command::new(env!("CARGO_BIN_EXE_sipload"))
+        .args([
+            "-sf",
+            profiles.join("call-cancel-uas.xml").to_str().unwrap(),
+        ])
+        .args(["-i", &uas.ip().to_string(), "-p", "6392", "-t", "1"])
+        .args(["-m", "300", "-timeout", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The caller's CANCEL and ACK carry the INVITE's branch ([branch-N]).
+    let out = Command::new(env!("CARGO_BIN_EXE_sipload"))
+        .arg(sipd.addr.to_string())
+        .args([
+            "-sf",
+            profiles.join("call-cancel-uac.xml").to_str().unwrap(),
+        ])
+        .args([
+            "-s",
+            "bob",
+            "-i",
+            &client_ip().to_string(),
+            "-p",
+            "6382",
+            "-t",
+            "2",
+        ])
+        .args(["-m", "300", "-r", "150", "-d", "50", "-timeout", "60"])
+        .output()
+        .unwrap();
+    let caller = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{caller}");
+    assert_eq!(value(&caller, "successful"), "300", "{caller}");
+    assert_eq!(value(&caller, "retransmissions"), "0", "{caller}");
+    let callee = callee.wait_with_output().unwrap();
+    let callee = String::from_utf8_lossy(&callee.stdout).into_owned();
+    assert_eq!(value(&callee, "successful"), "300", "{callee}");
+    assert_eq!(value(&callee, "failed"), "0", "{callee}");
 }
 
 #[test]
@@ -75,17 +150,7 @@ fn sipload_plays_both_sides_of_calls_through_the_proxy() {
     let sipd = Sipd::start(TEST_CONFIG, &[]);
     // The callee registers from the port its sipload will answer on.
     let uas = std::net::SocketAddr::new(client_ip().into(), 6390);
-    {
-        let sock = std::net::UdpSocket::bind(uas).unwrap();
-        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
-        let contact = format!("Contact: <sip:bob@{uas}>");
-        let reg = sipmesh_tests::register(uas, "UDP", "bob", "bob-reg", 1, &[&contact]);
-        sock.send_to(reg.as_bytes(), sipd.addr).unwrap();
-        let mut buf = [0u8; 4096];
-        let (n, _) = sock.recv_from(&mut buf).unwrap();
-        assert!(buf[..n].starts_with(b"SIP/2.0 200"));
-    }
+    register_callee(&sipd, uas);
     let profiles = repo_root().join("perf/profiles");
     let callee = Command::new(env!("CARGO_BIN_EXE_sipload"))
         .args(["-sf", profiles.join("call-uas.xml").to_str().unwrap()])
