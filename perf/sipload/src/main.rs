@@ -295,6 +295,10 @@ fn expand(t: &str, call: &Call, step: usize, ctx: &Ctx<'_>) -> String {
                     step.saturating_sub(back)
                 ));
             }
+            k if k.starts_with("hdrtoken:") => {
+                let v = header_value(&call.last, &k[9..]).unwrap_or("");
+                out.push_str(v.split_whitespace().next().unwrap_or(""));
+            }
             "last_cseq_number" => {
                 let cseq = header_value(&call.last, "CSeq").unwrap_or("");
                 out.push_str(cseq.split_whitespace().next().unwrap_or(""));
@@ -613,10 +617,17 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                     .map(|v| angle(v).to_string())
                     .unwrap_or_default();
             }
-            if let Some(to) = header_value(&text, "To").or_else(|| header_value(&text, "t"))
-                && let Some(i) = to.find(";tag=")
+            // The peer's tag: the To tag of a response, the From tag of a request (a
+            // NOTIFY in a subscription: its To tag is ours).
+            let (long, short) = if code.is_some() {
+                ("To", "t")
+            } else {
+                ("From", "f")
+            };
+            if let Some(v) = header_value(&text, long).or_else(|| header_value(&text, short))
+                && let Some(i) = v.find(";tag=")
             {
-                c.peer_tag = to[i + 5..].split(';').next().unwrap_or("").to_string();
+                c.peer_tag = v[i + 5..].split(';').next().unwrap_or("").to_string();
             }
             match code {
                 Some(x) => {

@@ -2,7 +2,10 @@
 //! CDATA message, `<recv response=CODE | request=METHOD [optional=true|global] [rtd]
 //! [rrs] [response_txn=NAME]>`,
 //! `<pause [milliseconds=MS]/>`, and `<nop>` whose `<action>` holds
-//! `<assignstr assign_to=NAME value=TEMPLATE/>` (a call variable, `[$NAME]` in a message).
+//! `<assignstr assign_to=NAME value=TEMPLATE/>` (a call variable, `[$NAME]` in a message),
+//! and in a `<recv>`'s `<action>` `<ereg search_in="hdr" header=NAME regexp="[^ \t\r\n]+"
+//! assign_to=VAR/>` (the first token of that header of the message received; no other
+//! regular expression is read).
 //! Other elements (`ResponseTimeRepartition` ...) are ignored. A small reader of its own: the format is a handful of elements with
 //! attributes and CDATA.
 
@@ -187,6 +190,26 @@ impl Scenario {
                     });
                 }
                 "nop" => steps.push(Step::Nop(Vec::new())),
+                "ereg" => {
+                    let (Some(name), Some(header)) = (attr(tag, "assign_to"), attr(tag, "header"))
+                    else {
+                        return Err(ParseError(
+                            "an <ereg> needs assign_to= and header= (search_in=\"hdr\")".into(),
+                        ));
+                    };
+                    let re = attr(tag, "regexp").unwrap_or_default();
+                    if attr(tag, "search_in").as_deref() != Some("hdr") || re != "[^ \\t\\r\\n]+" {
+                        return Err(ParseError(format!(
+                            "<ereg regexp=\"{re}\">: only search_in=\"hdr\" with regexp=\"[^ \\t\\r\\n]+\" (a header's first token) is supported"
+                        )));
+                    }
+                    let header = header.trim_end_matches(':').to_string();
+                    if !matches!(steps.last(), Some(Step::Recv { .. } | Step::Nop(_))) {
+                        return Err(ParseError("an <ereg> is read inside a <recv> only".into()));
+                    }
+                    // Runs as the step after the recv, with its message as the last one.
+                    steps.push(Step::Nop(vec![(name, format!("[hdrtoken:{header}]"))]));
+                }
                 "assignstr" => {
                     let (Some(name), Some(value)) = (attr(tag, "assign_to"), attr(tag, "value"))
                     else {
@@ -372,5 +395,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("<nop>"), "{e}");
+    }
+
+    #[test]
+    fn an_ereg_of_a_header_token_becomes_an_assignment_after_its_recv() {
+        let s = Scenario::parse(
+            "<scenario><send><![CDATA[A]]></send><recv response=\"200\"><action>\
+             <ereg regexp=\"[^ \\t\\r\\n]+\" search_in=\"hdr\" header=\"SIP-ETag:\" \
+             assign_to=\"etag\"/></action></recv></scenario>",
+        )
+        .unwrap();
+        assert_eq!(
+            s.steps[2],
+            Step::Nop(vec![("etag".into(), "[hdrtoken:SIP-ETag]".into())])
+        );
+        // Any other regular expression is refused, not misread.
+        assert!(
+            Scenario::parse(
+                "<scenario><send><![CDATA[A]]></send><recv response=\"200\"><action>\
+                 <ereg regexp=\"(.*)\" search_in=\"msg\" assign_to=\"x\"/></action></recv></scenario>"
+            )
+            .is_err()
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! `sipload` end to end against a running `sipd`: the bundled register, refresh,
-//! unregister and OPTIONS profiles, a short run each, every call successful; both sides
+//! unregister, OPTIONS and presence profiles, a short run each, every call successful; both sides
 //! of calls through the proxy, answered and cancelled while ringing.
 
 use std::process::Command;
@@ -184,4 +184,19 @@ fn sipload_plays_both_sides_of_calls_through_the_proxy() {
     let callee = String::from_utf8_lossy(&callee.stdout).into_owned();
     assert_eq!(value(&callee, "successful"), "500", "{callee}");
     assert_eq!(value(&callee, "failed"), "0", "{callee}");
+}
+
+#[test]
+fn sipload_runs_the_presence_profiles_with_no_failure() {
+    let sipd = Sipd::start(TEST_CONFIG, &[]);
+    // PUBLISH, then its removal under the entity tag the 200 gave (an <ereg>).
+    let r = sipload(&sipd, "presence-publish.xml", 6340, 1000, 1000);
+    assert_eq!(value(&r, "successful"), "1000", "{r}");
+    // SUBSCRIBE, the NOTIFY answered, the unsubscription in the dialog (the notifier's
+    // tag and Contact), the final NOTIFY answered.
+    let r = sipload(&sipd, "presence-subscribe.xml", 6350, 500, 500);
+    assert_eq!(value(&r, "successful"), "500", "{r}");
+    let l = sipd.sipctl_json(&["presence", "list"]);
+    assert_eq!(l["presentities"], 0, "{l}");
+    assert_eq!(l["watchers"], 0, "{l}");
 }
