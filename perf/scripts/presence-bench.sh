@@ -3,12 +3,14 @@
 # instance running a presence profile at RATE calls/s for CALLS calls.
 #
 #   perf/scripts/presence-bench.sh publish|subscribe [--rate R] [--calls N] [--timeout S]
+#       [--gen sipp|sipload]
 #
 # publish:   perf/profiles/presence-publish.xml, a distinct presentity per call: an
 #            initial PUBLISH and its removal (2 transactions per call).
 # subscribe: perf/profiles/presence-subscribe.xml, every call watching alice: SUBSCRIBE,
 #            the NOTIFY, the unsubscription and the final NOTIFY (4 transactions per call).
 #
+# --gen sipload runs the project's generator (2 threads) instead of one SIPp instance.
 # Prints one line: rate asked, successful and failed calls, retransmissions, SIPp's mean
 # rate, transactions per second, server CPU per transaction and RSS before/after.
 # Loopback only; SIPp bounded by -m and -timeout; only processes started here are
@@ -22,11 +24,14 @@ shift || true
 RATE=1000
 CALLS=""
 TIMEOUT=""
+GEN=sipp
+SIPLOAD_BIN="${SIPLOAD_BIN:-$REPO/target/release/sipload}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --rate) RATE=$2; shift 2 ;;
         --calls) CALLS=$2; shift 2 ;;
         --timeout) TIMEOUT=$2; shift 2 ;;
+        --gen) GEN=$2; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -56,6 +61,31 @@ sleep 1
 cpu() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$SIPD/stat"; }
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$SIPD/status"; }
 c0=$(cpu); r0=$(rss)
+if [ "$GEN" = sipload ]; then
+    [ -x "$SIPLOAD_BIN" ] || (cd "$REPO" && cargo build --release -q -p sipload)
+    timeout $((TIMEOUT + 30)) "$SIPLOAD_BIN" $SRV:5060 -sf "$REPO/perf/profiles/$PROFILE" \
+        -s alice -i $CLI -p 5076 -t 2 -r "$RATE" -m "$CALLS" -l 200000 -timeout "$TIMEOUT" \
+        > "$RUN/sipload.out" 2>&1 || true
+    c1=$(cpu); r1=$(rss)
+    TCK=$(getconf CLK_TCK)
+    python3 - "$RUN/sipload.out" "$c0" "$c1" "$TCK" "$r0" "$r1" "$RATE" "$TX" "$MODE" <<'PY'
+import sys
+path, c0, c1, tck, r0, r1, rate, tx, mode = sys.argv[1:10]
+rep = {}
+for l in open(path):
+    k, _, v = l.partition("  ")
+    rep.setdefault(k.strip(), v.strip())
+ok, failed = int(rep.get("successful", 0)), int(rep.get("failed", 0))
+retrans = int(rep.get("retransmissions", 0))
+cps = float(rep.get("rate", "0").split()[0])
+cpu = (float(c1) - float(c0)) / float(tck)
+tx = int(tx)
+print(f"{mode} gen=sipload rate={rate} ok={ok} failed={failed} retrans={retrans} "
+      f"cps={cps:.0f} transactions_per_s={cps * tx:.0f} server_cpu_s={cpu:.2f} "
+      f"us_per_transaction={1e6 * cpu / max(ok * tx, 1):.2f} rss_kib={r0}->{r1}")
+PY
+    exit 0
+fi
 timeout $((TIMEOUT + 30)) sipp $SRV:5060 -sf "$REPO/perf/profiles/$PROFILE" -s alice \
     -i $CLI -p 5076 -r "$RATE" -m "$CALLS" -l 200000 -timeout "${TIMEOUT}s" \
     -timeout_error -nostdin -buff_size 4194304 -trace_stat -stf "$RUN/stat.csv" \
