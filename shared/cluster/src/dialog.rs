@@ -611,7 +611,9 @@ impl ProfileKey {
 #[derive(Debug)]
 pub struct Profiles {
     defs: Vec<(String, ProfileKey)>,
-    counts: papaya::HashMap<(u16, Box<[u8]>), Arc<std::sync::atomic::AtomicI64>>,
+    /// (profile, value) → live calls; a value whose count falls to 0 leaves the map (a
+    /// profile by caller would otherwise keep one entry per caller ever seen).
+    counts: papaya::HashMap<(u16, Box<[u8]>), i64>,
 }
 
 impl Profiles {
@@ -632,16 +634,26 @@ impl Profiles {
     pub fn add(&self, d: &Dialog, delta: i64) {
         let g = self.counts.guard();
         for (i, (_, k)) in self.defs.iter().enumerate() {
-            let key = (i as u16, Box::from(k.value(d)));
-            let c = match self.counts.get(&key, &g) {
-                Some(c) => c.clone(),
-                None => self
-                    .counts
-                    .get_or_insert_with(key, || Arc::new(std::sync::atomic::AtomicI64::new(0)), &g)
-                    .clone(),
-            };
-            c.fetch_add(delta, Ordering::Relaxed);
+            // One atomic read-modify-write per key: an entry leaves the map at 0 with no
+            // window for a concurrent change to be lost.
+            self.counts.compute(
+                (i as u16, Box::from(k.value(d))),
+                |e: Option<(&(u16, Box<[u8]>), &i64)>| {
+                    let n = e.map_or(0, |(_, c)| *c) + delta;
+                    match (e, n) {
+                        (None, 0) => Operation::Abort(()),
+                        (Some(_), 0) => Operation::Remove,
+                        _ => Operation::Insert(n),
+                    }
+                },
+                &g,
+            );
         }
+    }
+
+    /// Values with live calls (for tests and operators).
+    pub fn entries(&self) -> usize {
+        self.counts.len()
     }
 
     /// Live calls of profile `name`: per value (`value` None: every value with calls).
@@ -653,13 +665,14 @@ impl Profiles {
                 v.to_vec(),
                 self.counts
                     .get(&(i, Box::from(v)), &g)
-                    .map_or(0, |c| c.load(Ordering::Relaxed)),
+                    .copied()
+                    .unwrap_or(0),
             )],
             None => self
                 .counts
                 .iter(&g)
-                .filter(|((p, _), c)| *p == i && c.load(Ordering::Relaxed) != 0)
-                .map(|((_, v), c)| (v.to_vec(), c.load(Ordering::Relaxed)))
+                .filter(|((p, _), c)| *p == i && **c != 0)
+                .map(|((_, v), c)| (v.to_vec(), *c))
                 .collect(),
         };
         out.sort();
@@ -854,6 +867,13 @@ mod tests {
         assert_eq!(p.get("caller", Some(b"alice")).unwrap()[0].1, 1);
         assert_eq!(p.get("callee", None).unwrap(), vec![(b"bob".to_vec(), 2)]);
         assert!(p.get("nope", None).is_none());
+        // Values whose calls all ended leave the map: nothing is kept per caller ever seen.
+        let before = p.entries();
+        p.add(&b, -1);
+        assert_eq!(p.entries(), before - 1, "carol's caller entry is gone");
+        p.add(&d(3), -1);
+        assert_eq!(p.entries(), 0);
+        assert_eq!(p.get("calls", None).unwrap(), vec![]);
         assert_eq!(ProfileKey::parse("to_domain"), Some(ProfileKey::ToDomain));
         assert_eq!(ProfileKey::parse("x"), None);
     }
