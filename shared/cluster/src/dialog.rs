@@ -606,6 +606,9 @@ impl ProfileKey {
     }
 }
 
+/// A profile's counter key: the profile's index and the value counted.
+type ProfileSlot = (u16, Box<[u8]>);
+
 /// Named counters of live calls, optionally per value (calls per caller, per callee
 /// ...), readable at any time. Lock-free: an atomic per (profile, value).
 #[derive(Debug)]
@@ -613,7 +616,7 @@ pub struct Profiles {
     defs: Vec<(String, ProfileKey)>,
     /// (profile, value) → live calls; a value whose count falls to 0 leaves the map (a
     /// profile by caller would otherwise keep one entry per caller ever seen).
-    counts: papaya::HashMap<(u16, Box<[u8]>), i64>,
+    counts: papaya::HashMap<ProfileSlot, i64>,
 }
 
 impl Profiles {
@@ -638,7 +641,7 @@ impl Profiles {
             // window for a concurrent change to be lost.
             self.counts.compute(
                 (i as u16, Box::from(k.value(d))),
-                |e: Option<(&(u16, Box<[u8]>), &i64)>| {
+                |e: Option<(&ProfileSlot, &i64)>| {
                     let n = e.map_or(0, |(_, c)| *c) + delta;
                     match (e, n) {
                         (None, 0) => Operation::Abort(()),
