@@ -610,7 +610,7 @@ impl ProfileKey {
 type ProfileSlot = (u16, Box<[u8]>);
 
 /// Named counters of live calls, optionally per value (calls per caller, per callee
-/// ...), readable at any time. Lock-free: an atomic per (profile, value).
+/// ...), readable at any time. Lock-free: one atomic compute per (profile, value).
 #[derive(Debug)]
 pub struct Profiles {
     defs: Vec<(String, ProfileKey)>,
