@@ -19,7 +19,8 @@
 
 mod scenario;
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -203,6 +204,8 @@ struct Call {
     /// Steps already passed that received a message (retransmissions of theirs are
     /// ignored).
     seen_codes: Vec<u16>,
+    /// CSeqs of the requests received (a retransmission of one is not unexpected).
+    seen_requests: Vec<String>,
     /// Call variables (`<assignstr>` in a `<nop>`), `[$name]` in a message.
     vars: Vec<(String, String)>,
 }
@@ -384,6 +387,11 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
     let mut served = 0u64;
     let mut made = 0u64;
     let mut calls: HashMap<String, Call> = HashMap::new();
+    // Calls to advance now (new, or a message just moved them on), and the instants the
+    // others wait for (a pause's end, a retransmission, their timeout): a loop touches
+    // only the calls that have something to do, never all of them.
+    let mut ready: Vec<String> = Vec::new();
+    let mut timers: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
     let mut report = Report::default();
     let mut buf = vec![0u8; 65_535];
     let deadline = t0 + o.timeout;
@@ -419,13 +427,23 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                 sent: None,
                 pause_until: None,
                 seen_codes: Vec::new(),
+                seen_requests: Vec::new(),
                 vars: Vec::new(),
             };
+            ready.push(call.call_id.clone());
             calls.insert(call.call_id.clone(), call);
         }
-        // Advance every call that can: sends, pauses, timers.
+        while timers.peek().is_some_and(|Reverse((t, _))| *t <= now) {
+            if let Some(Reverse((_, id))) = timers.pop() {
+                ready.push(id);
+            }
+        }
+        // Advance the calls that can: sends, pauses, timers.
         let mut done: Vec<(String, Result<(), String>)> = Vec::new();
-        for (id, c) in calls.iter_mut() {
+        for id in std::mem::take(&mut ready) {
+            let Some(c) = calls.get_mut(&id) else {
+                continue;
+            };
             loop {
                 if c.step >= steps.len() {
                     done.push((id.clone(), Ok(())));
@@ -461,6 +479,7 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                             c.pause_until = None;
                             c.step += 1;
                         } else {
+                            timers.push(Reverse((until, id.clone())));
                             break;
                         }
                     }
@@ -482,14 +501,21 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                         }
                         if now - c.start > give_up + give_up {
                             done.push((id.clone(), Err("recv timeout".into())));
+                            break;
                         }
+                        let wake = c.start + give_up + give_up + Duration::from_millis(1);
+                        let wake = c.sent.as_ref().map_or(wake, |s| s.next.min(wake));
+                        timers.push(Reverse((wake, id.clone())));
                         break;
                     }
                 }
             }
         }
         for (id, r) in done {
-            calls.remove(&id);
+            // A call may have been advanced twice in one batch (ready twice): counted once.
+            if calls.remove(&id).is_none() {
+                continue;
+            }
             match r {
                 Ok(()) => {
                     report.ok += 1;
@@ -545,6 +571,7 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                         sent: None,
                         pause_until: None,
                         seen_codes: Vec::new(),
+                        seen_requests: Vec::new(),
                         vars: Vec::new(),
                     },
                 );
@@ -574,7 +601,9 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                 // A retransmission of something already received is ignored, and so is a
                 // late message of an optional step already passed; anything else is
                 // unexpected, as SIPp counts it.
+                let cseq = header_value(&text, "CSeq").unwrap_or("");
                 if code.is_some_and(|x| c.seen_codes.contains(&x))
+                    || (code.is_none() && c.seen_requests.iter().any(|q| q == cseq))
                     || late_optional(steps, c.step, code, method)
                     || only_sends_left(steps, c.step)
                 {
@@ -639,8 +668,13 @@ fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
                 }
                 // A server: the request it waited for (an ACK) ends the retransmissions
                 // of its response.
-                None => c.sent = None,
+                None => {
+                    c.sent = None;
+                    let cseq = header_value(&text, "CSeq").unwrap_or("").to_string();
+                    c.seen_requests.push(cseq);
+                }
             }
+            ready.push(c.call_id.clone());
             c.last = text;
             c.step = k + 1;
         }
