@@ -50,6 +50,7 @@ fn sipp_publishes_and_watches_with_no_failure() {
         &sipp(&sipd, "presence-subscribe.xml", "alice", 1000, 5072),
         "watcher",
     );
+    assert_ok(&sipp(&sipd, "mixed.xml", "alice", 500, 5074), "mixed");
     // Every publication was removed and every subscription ended.
     let l = sipd.sipctl_json(&["presence", "list"]);
     assert_eq!(l["presentities"], 0, "{l}");

@@ -303,6 +303,9 @@ mod tests {
             "options.xml",
             "call-uac.xml",
             "call-cancel-uac.xml",
+            "presence-publish.xml",
+            "presence-subscribe.xml",
+            "mixed.xml",
         ] {
             let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
             let s = Scenario::parse(&text).unwrap_or_else(|e| panic!("{f}: {e}"));

@@ -1,5 +1,5 @@
 //! `sipload` end to end against a running `sipd`: the bundled register, refresh,
-//! unregister, OPTIONS and presence profiles, a short run each, every call successful; both sides
+//! unregister, OPTIONS, presence and mixed profiles, a short run each, every call successful; both sides
 //! of calls through the proxy, answered and cancelled while ringing.
 
 use std::process::Command;
@@ -196,6 +196,11 @@ fn sipload_runs_the_presence_profiles_with_no_failure() {
     // tag and Contact), the final NOTIFY answered.
     let r = sipload(&sipd, "presence-subscribe.xml", 6350, 500, 500);
     assert_eq!(value(&r, "successful"), "500", "{r}");
+    // The mixed profile: REGISTER, OPTIONS, PUBLISH, SUBSCRIBE and their removals.
+    let r = sipload(&sipd, "mixed.xml", 6360, 500, 500);
+    assert_eq!(value(&r, "successful"), "500", "{r}");
+    let dump = sipd.sipctl_json(&["usrloc", "dump"]);
+    assert_eq!(dump.as_array().map(Vec::len), Some(0), "{dump}");
     let l = sipd.sipctl_json(&["presence", "list"]);
     assert_eq!(l["presentities"], 0, "{l}");
     assert_eq!(l["watchers"], 0, "{l}");
