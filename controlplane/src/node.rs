@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use sipmesh_cluster::NodeId;
 use sipmesh_cluster::change::{Change, ChangeRecord};
 use sipmesh_cluster::ownership::Segment;
-use sipmesh_cluster::ring::{ChangeProducer, change_ring};
+use sipmesh_cluster::ring::{ChangeConsumer, ChangeProducer, change_ring};
 use sipmesh_cluster::usrloc::Usrloc;
 use sipmesh_dataplane::core::{Core, CoreConfig, CoreStats};
 use sipmesh_dataplane::io::{self, Workers};
@@ -185,25 +185,9 @@ impl Node {
         // Each worker's dialog changes: a ring of their own (replicated like the rest;
         // after the registrar rings and the control ring, so durability positions stay
         // the workers').
-        let dialog_changes = Arc::new(Mutex::new(
-            (0..n)
-                .map(|_| {
-                    let (p, c) = change_ring(config.change_ring_bytes);
-                    consumers.push(c);
-                    Some(p)
-                })
-                .collect::<Vec<_>>(),
-        ));
+        let dialog_changes = worker_rings(n, config.change_ring_bytes, &mut consumers);
         // And their presence changes: one more ring each.
-        let presence_changes = Arc::new(Mutex::new(
-            (0..n)
-                .map(|_| {
-                    let (p, c) = change_ring(config.change_ring_bytes);
-                    consumers.push(c);
-                    Some(p)
-                })
-                .collect::<Vec<_>>(),
-        ));
+        let presence_changes = worker_rings(n, config.change_ring_bytes, &mut consumers);
         let presence_stats: Vec<Arc<PresenceStats>> = (0..n).map(|_| Arc::default()).collect();
         let producers: Arc<Mutex<Vec<Option<ChangeProducer>>>> = Arc::new(Mutex::new(producers));
         // NAT keepalives: the control plane schedules, each worker sends from its ring.
@@ -288,11 +272,7 @@ impl Node {
             );
             move |i: usize| {
                 // Start-up only: each worker takes its ring's producing half once.
-                let producer = producers
-                    .lock()
-                    .ok()
-                    .and_then(|mut v| v.get_mut(i).and_then(Option::take));
-                let producer = producer.expect("one change ring per worker");
+                let producer = take_slot(&producers, i, "one change ring per worker");
                 let mut registrar = Registrar::new(
                     reg_cfg.clone(),
                     usrloc.clone(),
@@ -310,11 +290,7 @@ impl Node {
                 for (aor, at) in mine {
                     registrar.schedule_expiry(aor, at);
                 }
-                let orders = order_rx
-                    .lock()
-                    .ok()
-                    .and_then(|mut v| v.get_mut(i).and_then(Option::take))
-                    .expect("one order ring per worker");
+                let orders = take_slot(&order_rx, i, "one order ring per worker");
                 let core = Core::new(core_cfg.clone(), registrar, core_stats[i].clone())
                     .with_pinger(Pinger::new(
                         orders,
@@ -325,11 +301,7 @@ impl Node {
                         ping_stats[i].clone(),
                     ));
                 let core = if proxy_cfg.enabled {
-                    let mb = mailboxes
-                        .lock()
-                        .ok()
-                        .and_then(|mut v| v.get_mut(i).and_then(Option::take))
-                        .expect("one mailbox per worker");
+                    let mb = take_slot(&mailboxes, i, "one mailbox per worker");
                     let proxy = Proxy::new(
                         ProxyConfig {
                             timers: proxy_cfg.timers,
@@ -347,32 +319,20 @@ impl Node {
                     )
                     .with_dialogs(DialogShare {
                         table: dialogs.clone(),
-                        cdrs: cdr_tx
-                            .lock()
-                            .ok()
-                            .and_then(|mut v| v.get_mut(i).and_then(Option::take))
-                            .expect("one CDR ring per worker"),
+                        cdrs: take_slot(&cdr_tx, i, "one CDR ring per worker"),
                         segment: segment.clone(),
                         profiles: profiles.clone(),
-                        changes: dialog_changes
-                            .lock()
-                            .ok()
-                            .and_then(|mut v| v.get_mut(i).and_then(Option::take))
-                            .expect("one dialog change ring per worker"),
-                        orders: dialog_orders
-                            .lock()
-                            .ok()
-                            .and_then(|mut v| v.get_mut(i).and_then(Option::take))
-                            .expect("one dialog order ring per worker"),
+                        changes: take_slot(&dialog_changes, i, "one dialog change ring per worker"),
+                        orders: take_slot(&dialog_orders, i, "one dialog order ring per worker"),
                     });
                     let proxy = match &presence_cfg {
                         Some(pc) => proxy.with_presence(PresenceShare {
                             table: presence.clone(),
-                            changes: presence_changes
-                                .lock()
-                                .ok()
-                                .and_then(|mut v| v.get_mut(i).and_then(Option::take))
-                                .expect("one presence change ring per worker"),
+                            changes: take_slot(
+                                &presence_changes,
+                                i,
+                                "one presence change ring per worker",
+                            ),
                             segment: segment.clone(),
                             config: pc.clone(),
                             stats: presence_stats[i].clone(),
@@ -481,6 +441,33 @@ impl Node {
         }
         r
     }
+}
+
+/// A per-worker slot taken once at start-up: worker `i` takes its half of a ring.
+fn take_slot<T>(slots: &Mutex<Vec<Option<T>>>, i: usize, what: &str) -> T {
+    slots
+        .lock()
+        .ok()
+        .and_then(|mut v| v.get_mut(i).and_then(Option::take))
+        .expect(what)
+}
+
+/// One change ring per worker: the consuming halves join `consumers` (drained by the
+/// control plane), the producing halves wait for their workers.
+fn worker_rings(
+    n: usize,
+    bytes: usize,
+    consumers: &mut Vec<ChangeConsumer>,
+) -> Arc<Mutex<Vec<Option<ChangeProducer>>>> {
+    Arc::new(Mutex::new(
+        (0..n)
+            .map(|_| {
+                let (p, c) = change_ring(bytes);
+                consumers.push(c);
+                Some(p)
+            })
+            .collect(),
+    ))
 }
 
 /// One line per record: `change origin=1 version=... op=upsert aor=... contact=...`.

@@ -235,6 +235,8 @@ pub struct Proxy {
     pub(crate) txns: TxTable<Ctx>,
     pub(crate) stats: Arc<ProxyStats>,
     rr: Vec<u8>,
+    /// `cfg.local` as text (Via sent-by, Contact), formatted once.
+    pub(crate) local_text: String,
     buf: Vec<u8>,
     targets: Vec<Target>,
     fired: Vec<(TxId, Action)>,
@@ -287,6 +289,7 @@ impl Proxy {
         stats: Arc<ProxyStats>,
     ) -> Proxy {
         let rr = format!("sip:{};lr", cfg.local).into_bytes();
+        let local_text = cfg.local.to_string();
         Proxy {
             cfg,
             keys,
@@ -295,6 +298,7 @@ impl Proxy {
             txns: TxTable::new(now, 4096),
             stats,
             rr,
+            local_text,
             buf: vec![0; 65_535],
             targets: Vec::new(),
             fired: Vec::new(),
@@ -314,10 +318,14 @@ impl Proxy {
         self
     }
 
-    /// BLF: the watchers of the calls that changed hear of them.
-    fn flush_blf<O: Outbox>(&mut self, now: Millis, out: &mut O) {
+    /// After each message and tick: BLF watchers hear of the calls that changed, and
+    /// NOTIFYs held back for room go out as far as there is room now.
+    fn after<O: Outbox>(&mut self, now: Millis, out: &mut O) {
         while let Some(d) = self.blf.pop() {
             self.dialog_changed(&d, now, out);
+        }
+        if !self.notify_queue.is_empty() {
+            self.drain_notifies(now, out);
         }
     }
     /// Track every call in `share.table` and write a CDR when it ends.
@@ -677,7 +685,7 @@ impl Proxy {
         let mut w = Writer::new(&mut self.buf);
         w.request_line(method, uri);
         w.put(b"Via: SIP/2.0/UDP ")
-            .put_str(&self.cfg.local.to_string())
+            .put_str(&self.local_text)
             .put(b";branch=")
             .put(&branch[..bn])
             .crlf();
@@ -862,9 +870,7 @@ impl Proxy {
         out: &mut O,
     ) {
         self.request(m, c, src, now, reg, out);
-        if !self.blf.is_empty() {
-            self.flush_blf(now, out);
-        }
+        self.after(now, out);
     }
 
     fn request<O: Outbox>(
@@ -1274,12 +1280,7 @@ impl Proxy {
         out: &mut O,
     ) -> ResponseFate {
         let fate = self.response(m, now, out);
-        if !self.blf.is_empty() {
-            self.flush_blf(now, out);
-        }
-        if !self.notify_queue.is_empty() {
-            self.drain_notifies(now, out);
-        }
+        self.after(now, out);
         fate
     }
 
@@ -1632,12 +1633,7 @@ impl Proxy {
         }
         self.fired = fired;
         self.ended = ended;
-        if !self.blf.is_empty() {
-            self.flush_blf(now, out);
-        }
-        if !self.notify_queue.is_empty() {
-            self.drain_notifies(now, out);
-        }
+        self.after(now, out);
     }
 }
 

@@ -545,6 +545,23 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 }
 
 /// The status code of a reply (0 when it is not a status line).
+/// SIPp exits 0 only when every call succeeded: otherwise fail with the end of its
+/// screen and its errors.
+pub fn assert_sipp_ok(out: &std::process::Output, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "SIPp ({what}) reported failed calls:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn status(reply: &str) -> u16 {
     reply.get(8..11).and_then(|s| s.parse().ok()).unwrap_or(0)
 }

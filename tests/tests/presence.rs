@@ -24,33 +24,18 @@ fn sipp(sipd: &Sipd, profile: &str, service: &str, calls: u32, port: u16) -> std
         .expect("sipp is installed (Debian package sip-tester; tests/run.sh installs it)")
 }
 
-fn assert_ok(out: &std::process::Output, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "SIPp ({what}) reported failed calls:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .join("\n"),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn sipp_publishes_and_watches_with_no_failure() {
     let sipd = Sipd::start(TEST_CONFIG, &[]);
-    assert_ok(
+    assert_sipp_ok(
         &sipp(&sipd, "presence-publish.xml", "x", 1000, 5070),
         "publisher",
     );
-    assert_ok(
+    assert_sipp_ok(
         &sipp(&sipd, "presence-subscribe.xml", "alice", 1000, 5072),
         "watcher",
     );
-    assert_ok(&sipp(&sipd, "mixed.xml", "alice", 500, 5074), "mixed");
+    assert_sipp_ok(&sipp(&sipd, "mixed.xml", "alice", 500, 5074), "mixed");
     // Every publication was removed and every subscription ended.
     let l = sipd.sipctl_json(&["presence", "list"]);
     assert_eq!(l["presentities"], 0, "{l}");

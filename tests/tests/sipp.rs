@@ -38,19 +38,7 @@ fn sipp(sipd: &Sipd, transport: &str, calls: u32, rate: u32, port: u16) -> std::
 fn run(transport: &str, calls: u32) {
     let sipd = Sipd::start(TEST_CONFIG, &[]);
     let out = sipp(&sipd, transport, calls, 1000, 5070);
-    // SIPp exits 0 only when every call succeeded.
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "SIPp ({transport}) reported failed calls:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .join("\n"),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_sipp_ok(&out, transport);
     let last = format!("aor=user{calls}@example.com");
     assert!(
         sipd.wait_change(&["op=upsert", &last], Duration::from_secs(10))

@@ -338,7 +338,7 @@ impl Proxy {
                     w.header("Record-Route", rr);
                 }
                 w.put(b"Contact: <sip:")
-                    .put_str(&self.cfg.local.to_string())
+                    .put_str(&self.local_text)
                     .put(b">\r\n");
             }
         });
@@ -759,7 +759,7 @@ impl Proxy {
             extra.extend_from_slice(b"\r\n");
         }
         extra.extend_from_slice(b"Contact: <sip:");
-        extra.extend_from_slice(self.cfg.local.to_string().as_bytes());
+        extra.extend_from_slice(self.local_text.as_bytes());
         extra.extend_from_slice(b">\r\nEvent: ");
         extra.extend_from_slice(package.name());
         // RFC 6665 §4.1.3: the state and, while active, the time left.

@@ -281,6 +281,40 @@ pub enum PresenceEnd {
 
 type Keys = Arc<papaya::HashSet<Box<[u8]>>>;
 
+/// One atomic read-modify-write of a copy-on-write table entry: `f` gets the current
+/// value and returns the new one (`None`: leave it); a new value that is `gone` removes
+/// the entry. Returns whether the table changed, and the last value `f` made.
+fn compute<V: Clone>(
+    map: &papaya::HashMap<Box<[u8]>, Arc<V>>,
+    key: &[u8],
+    f: &mut impl FnMut(Option<&V>) -> Option<V>,
+    gone: impl Fn(&V) -> bool,
+) -> (bool, Option<V>) {
+    let g = map.guard();
+    let mut last = None;
+    let r = map.compute(
+        Box::from(key),
+        |e: Option<(&Box<[u8]>, &Arc<V>)>| match f(e.map(|(_, v)| &**v)) {
+            None => Operation::Abort(()),
+            Some(n) if gone(&n) => {
+                let present = e.is_some();
+                last = Some(n);
+                if present {
+                    Operation::Remove
+                } else {
+                    Operation::Abort(())
+                }
+            }
+            Some(n) => {
+                last = Some(n.clone());
+                Operation::Insert(Arc::new(n))
+            }
+        },
+        &g,
+    );
+    (!matches!(r, Compute::Aborted(())), last)
+}
+
 /// Every presentity and watcher of the node (its own and its peers').
 pub struct PresenceTable {
     presentities: papaya::HashMap<Box<[u8]>, Arc<Presentity>>,
@@ -348,31 +382,12 @@ impl PresenceTable {
         key: &[u8],
         mut f: impl FnMut(Option<&Presentity>) -> Option<Presentity>,
     ) -> Option<Presentity> {
-        let g = self.presentities.guard();
-        let mut last = None;
-        let r = self.presentities.compute(
-            Box::from(key),
-            |e: Option<(&Box<[u8]>, &Arc<Presentity>)>| match f(e.map(|(_, v)| &**v)) {
-                None => Operation::Abort(()),
-                Some(n) if n.pubs.is_empty() => {
-                    last = Some(n);
-                    if e.is_some() {
-                        Operation::Remove
-                    } else {
-                        Operation::Abort(())
-                    }
-                }
-                Some(n) => {
-                    last = Some(n.clone());
-                    Operation::Insert(Arc::new(n))
-                }
-            },
-            &g,
-        );
-        match r {
-            Compute::Aborted(()) if last.as_ref().is_some_and(|p| p.pubs.is_empty()) => last,
-            Compute::Aborted(()) => None,
-            _ => last,
+        let (done, last) = compute(&self.presentities, key, &mut f, |p| p.pubs.is_empty());
+        // Leaving nothing where there was nothing is still reported (empty).
+        if done || last.as_ref().is_some_and(|p| p.pubs.is_empty()) {
+            last
+        } else {
+            None
         }
     }
 
@@ -422,31 +437,10 @@ impl PresenceTable {
         key: &[u8],
         mut f: impl FnMut(Option<&Watcher>) -> Option<Watcher>,
     ) -> Option<Watcher> {
-        let g = self.watchers.guard();
-        let mut last: Option<Watcher> = None;
-        let r = self.watchers.compute(
-            Box::from(key),
-            |e: Option<(&Box<[u8]>, &Arc<Watcher>)>| match f(e.map(|(_, v)| &**v)) {
-                None => Operation::Abort(()),
-                Some(n) if n.state == SubState::Terminated => {
-                    last = Some(n);
-                    if e.is_some() {
-                        Operation::Remove
-                    } else {
-                        Operation::Abort(())
-                    }
-                }
-                Some(n) => {
-                    last = Some(n.clone());
-                    Operation::Insert(Arc::new(n))
-                }
-            },
-            &g,
-        );
-        let w = match r {
-            Compute::Aborted(()) => return None,
-            _ => last?,
-        };
+        let (done, last) = compute(&self.watchers, key, &mut f, |w| {
+            w.state == SubState::Terminated
+        });
+        let w = if done { last? } else { return None };
         if w.state == SubState::Terminated {
             self.index_remove(&w.presentity, key);
         } else {
