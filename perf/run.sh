@@ -8,13 +8,24 @@
 #       [--max-retrans-pct P] [--out DIR] [--tag TEXT] [--keep]
 #
 # PROFILE: options (OPTIONS answered 200 statelessly), register (REGISTER of a distinct
-#   user per call, perf/profiles/register.xml) or call (call-uac.xml through the proxy to
+#   user per call, perf/profiles/register.xml), call (call-uac.xml through the proxy to
 #   a callee registered as bob playing call-uas.xml; --hold MS between ACK and BYE,
-#   default 1000). One "operation" is one call of the profile (options, register: one
-#   transaction; call: INVITE, ACK, BYE).
-# --target: sipd (release binary, 2 workers, --no-store, 127.0.0.64:5060), kamailio
+#   default 1000), publish (presence-publish.xml: a PIDF PUBLISH for a distinct user,
+#   then its removal) or subscribe (presence-subscribe.xml -s alice: SUBSCRIBE, the
+#   NOTIFY answered, the unsubscription, the final NOTIFY answered). One "operation"
+#   (calls, ok, fail, rates, srv_us_op) is one call of the profile: options, register:
+#   one transaction; call: INVITE, ACK, BYE; publish: 2 transactions (2 PUBLISH);
+#   subscribe: 4 transactions (2 SUBSCRIBE, 2 NOTIFY sent by the server).
+# --target: sipd (release binary, 2 workers, --no-store, 127.0.0.64:5060; publish and
+#   subscribe: presence on, as by default, for every domain (registrar.domains empty),
+#   presence.max_watchers raised: every subscribe call watches alice), kamailio
 #   (Debian package, installed with apt-get when missing; its own configuration written
 #   into the run directory: 4 children, usrloc in memory, tm + rr + registrar + dialog;
+#   publish and subscribe: also presence + presence_xml (kamailio-presence-modules),
+#   subscriptions and presentities in memory only (subs_db_mode 0, publ_cache 2),
+#   force_active 1 (no authorization rules, like sipd), SUBSCRIBE answered 200, NOTIFYs
+#   sent by tm; their required db_url is a fresh SQLite file per step with Kamailio's
+#   own schema (kamailio-sqlite-modules), untouched per request in these modes;
 #   127.0.0.65:5060), echo (perf/echo's sip-echo, 2 threads, 127.0.0.66:5060; the
 #   options profile only), or all three in turn.
 # --gen: sipload (default; the project's generator, -t 2, callee -t 1) or sipp (SIPp,
@@ -50,7 +61,8 @@
 #   user+sys), other_cpu_s (CPU of every other process alive at the end of the step: a
 #   lower bound, e.g. builds sharing the machine), udp_rcvbuf_err (system-wide),
 #   srv_state (calls: sipd's CDR lines, Kamailio's processed dialogs; register on
-#   Kamailio: its registered users). --out default: ${TMPDIR:-/tmp}/sipmesh-run.
+#   Kamailio: its registered users; publish on Kamailio: PUBLISH requests received;
+#   subscribe on Kamailio: NOTIFYs sent). --out default: ${TMPDIR:-/tmp}/sipmesh-run.
 #
 # Binaries: SIPD_BIN, SIPLOAD_BIN (default: ${CARGO_TARGET_DIR:-target}/release, built
 # with cargo when missing) and ECHO_BIN (perf/echo's release build). Kamailio runs
@@ -104,9 +116,13 @@ case "$PROFILE" in
     options) : "${START_RATE:=20000}"; : "${MAX_RATE:=320000}"; GRAIN=1000 ;;
     register) : "${START_RATE:=20000}"; : "${MAX_RATE:=320000}"; GRAIN=1000 ;;
     call) : "${START_RATE:=2000}"; : "${MAX_RATE:=32000}"; GRAIN=100 ;;
+    publish) : "${START_RATE:=4000}"; : "${MAX_RATE:=64000}"; GRAIN=250 ;;
+    subscribe) : "${START_RATE:=2000}"; : "${MAX_RATE:=32000}"; GRAIN=100 ;;
     "") usage; exit 2 ;;
-    *) echo "run.sh: PROFILE is options, register or call" >&2; exit 2 ;;
+    *) echo "run.sh: PROFILE is options, register, call, publish or subscribe" >&2; exit 2 ;;
 esac
+PRESENCE=0
+case "$PROFILE" in publish|subscribe) PRESENCE=1 ;; esac
 case "$TARGET" in
     sipd|kamailio|echo) TARGETS=("$TARGET") ;;
     all) TARGETS=(sipd kamailio echo) ;;
@@ -146,11 +162,21 @@ fi
 if [[ "$need_targets" == *" echo "* ]] && [ "$PROFILE" = options ] && [ ! -x "$ECHO_BIN" ]; then
     (cd "$HERE/echo" && CARGO_TARGET_DIR="$HERE/echo/target" cargo build --release -q)
 fi
-if [[ "$need_targets" == *" kamailio "* ]] && ! command -v kamailio > /dev/null; then
-    echo "run.sh: installing Kamailio (Debian package kamailio)" >&2
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-    $SUDO apt-get install -y -q kamailio > /dev/null || {
-        $SUDO apt-get update -q > /dev/null && $SUDO apt-get install -y -q kamailio > /dev/null; }
+if [[ "$need_targets" == *" kamailio "* ]]; then
+    # The presence profiles also need presence + presence_xml and db_sqlite.
+    kam_missing=()
+    command -v kamailio > /dev/null || kam_missing+=(kamailio)
+    if [ "$PRESENCE" = 1 ]; then
+        for p in kamailio-presence-modules kamailio-sqlite-modules; do
+            dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || kam_missing+=("$p")
+        done
+    fi
+    if [ "${#kam_missing[@]}" -gt 0 ]; then
+        echo "run.sh: installing ${kam_missing[*]} (Debian packages)" >&2
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+        $SUDO apt-get install -y -q "${kam_missing[@]}" > /dev/null || {
+            $SUDO apt-get update -q > /dev/null && $SUDO apt-get install -y -q "${kam_missing[@]}" > /dev/null; }
+    fi
 fi
 if [ "$GEN" = sipp ] && ! command -v sipp > /dev/null; then
     echo "run.sh: SIPp is missing (Debian package sip-tester)" >&2; exit 1
@@ -258,12 +284,21 @@ trap 'exit 130' INT TERM
 
 # ---- servers ---------------------------------------------------------------------------
 write_kamailio_cfg() { # DIR
+    local presence_def=""
+    [ "$PRESENCE" = 1 ] && presence_def="#!define WITH_PRESENCE"
     cat > "$1/kamailio.cfg" <<EOF
 #!KAMAILIO
 # Written by perf/run.sh for one benchmark step: Kamailio as the reference server
 # ($CHILDREN UDP children, usrloc in memory, tm + rr + registrar + dialog). OPTIONS to the
 # server: a stateless 200. REGISTER: save("location"). Calls: lookup("location"),
 # record_route, dlg_manage, t_relay; in-dialog requests: loose_route, t_relay.
+# WITH_PRESENCE (publish, subscribe profiles): presence + presence_xml, subscriptions
+# and presentities in memory only (subs_db_mode 0, publ_cache 2), force_active (no
+# authorization rules); PUBLISH and SUBSCRIBE (also in-dialog): t_newtran,
+# handle_publish/handle_subscribe, t_release; NOTIFYs are tm's local requests. The
+# modules need a database (SQLite, Kamailio's schema, WAL): opened and checked at start,
+# no file access per request in these modes.
+$presence_def
 debug=-1
 log_stderror=yes
 fork=yes
@@ -293,6 +328,11 @@ loadmodule "registrar.so"
 loadmodule "dialog.so"
 loadmodule "ctl.so"
 loadmodule "counters.so"
+#!ifdef WITH_PRESENCE
+loadmodule "db_sqlite.so"
+loadmodule "presence.so"
+loadmodule "presence_xml.so"
+#!endif
 
 modparam("ctl", "binrpc", "unix:$1/ctl.sock")
 modparam("usrloc", "db_mode", 0)
@@ -301,6 +341,20 @@ modparam("registrar", "max_expires", 3600)
 modparam("rr", "append_fromtag", 1)
 modparam("dialog", "hash_size", 16384)
 modparam("dialog", "default_timeout", 3600)
+#!ifdef WITH_PRESENCE
+modparam("presence", "db_url", "sqlite://$1/presence.sqlite")
+modparam("presence", "server_address", "sip:$KAM_IP:$SIP_PORT")
+modparam("presence", "subs_db_mode", 0)
+modparam("presence", "publ_cache", 2)
+modparam("presence", "db_update_period", 100)
+modparam("presence", "clean_period", 100)
+modparam("presence", "subs_htable_size", 14)
+modparam("presence", "pres_htable_size", 14)
+modparam("presence", "max_expires", 3600)
+modparam("presence", "subs_respond_200", 1)
+modparam("presence_xml", "db_url", "sqlite://$1/presence.sqlite")
+modparam("presence_xml", "force_active", 1)
+#!endif
 
 request_route {
     if (!mf_process_maxfwd_header("10")) {
@@ -322,6 +376,11 @@ request_route {
             }
             exit;
         }
+#!ifdef WITH_PRESENCE
+        if (is_method("SUBSCRIBE") && uri == myself) {
+            route(PRESENCE);
+        }
+#!endif
         sl_send_reply("404", "Not here");
         exit;
     }
@@ -332,6 +391,11 @@ request_route {
         exit;
     }
     t_check_trans();
+#!ifdef WITH_PRESENCE
+    if (is_method("PUBLISH|SUBSCRIBE")) {
+        route(PRESENCE);
+    }
+#!endif
     if (is_method("REGISTER")) {
         if (!save("location")) {
             sl_reply_error();
@@ -351,7 +415,40 @@ request_route {
     }
     exit;
 }
+#!ifdef WITH_PRESENCE
+
+route[PRESENCE] {
+    if (!t_newtran()) {
+        sl_reply_error();
+        exit;
+    }
+    if (is_method("PUBLISH")) {
+        handle_publish();
+    } else {
+        handle_subscribe();
+    }
+    t_release();
+    exit;
+}
+#!endif
 EOF
+}
+
+kamailio_presence_db() { # DIR: a fresh SQLite database with Kamailio's own schema files
+    # (version + presence tables: presentity, active_watchers, watchers, xcap, pua), WAL
+    local sql
+    sql="$(dirname "$(dpkg -L kamailio-sqlite-modules 2>/dev/null | grep -m1 '/presence-create\.sql$' || echo /usr/share/kamailio/db_sqlite/presence-create.sql)")"
+    rm -f "$1/presence.sqlite"*
+    python3 - "$1/presence.sqlite" "$sql/standard-create.sql" "$sql/presence-create.sql" <<'PY'
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+c.execute("PRAGMA journal_mode=WAL")
+for f in sys.argv[2:]:
+    with open(f) as s:
+        c.executescript(s.read())
+c.commit()
+c.close()
+PY
 }
 
 SRV_IP=""
@@ -363,6 +460,12 @@ start_server() { # KIND DIR
             SRV_IP=$SIPD_IP
             local args=(--listen "$SIPD_IP:$SIP_PORT" --workers "$WORKERS" --no-pin --no-store
                         --grpc "$SIPD_IP:$GRPC_PORT" --segment "$d/segment" --cdr "$d/cdr.jsonl")
+            if [ "$PRESENCE" = 1 ]; then
+                # Presence is on by default (registrar.domains empty: every domain is
+                # served); every subscribe call watches alice: no limit on her watchers.
+                printf '[presence]\nenabled = true\nmax_watchers = 10000000\n' > "$d/sipd.toml"
+                args+=(--config "$d/sipd.toml")
+            fi
             echo "$SIPD_BIN ${args[*]}" > "$d/server.cmd"
             "$SIPD_BIN" "${args[@]}" > "$d/server.out" 2> "$d/server.err" &
             SRV_PID=$!
@@ -370,6 +473,11 @@ start_server() { # KIND DIR
         kamailio)
             SRV_IP=$KAM_IP
             write_kamailio_cfg "$d"
+            if [ "$PRESENCE" = 1 ] && ! kamailio_presence_db "$d" 2> "$d/presence-db.err"; then
+                echo "run.sh: cannot create the presence database:" >&2
+                tail -5 "$d/presence-db.err" >&2
+                return 1
+            fi
             if ! kamailio -c -f "$d/kamailio.cfg" > "$d/kamailio-check.log" 2>&1; then
                 echo "run.sh: kamailio -c rejects the configuration:" >&2
                 tail -5 "$d/kamailio-check.log" >&2
@@ -508,7 +616,11 @@ run_step() { # TARGET RATE
     t0=$(date +%s.%N)
 
     local scen="$PROFILES/$PROFILE.xml" cargs=()
-    [ "$PROFILE" = call ] && scen="$PROFILES/call-uac.xml" && cargs=(-s bob -d "$HOLD")
+    case "$PROFILE" in
+        call) scen="$PROFILES/call-uac.xml"; cargs=(-s bob -d "$HOLD") ;;
+        publish) scen="$PROFILES/presence-publish.xml" ;;
+        subscribe) scen="$PROFILES/presence-subscribe.xml"; cargs=(-s alice) ;;
+    esac
     mkdir -p "$d/uac"
     if [ "$GEN" = sipload ]; then
         local cmd=("$SIPLOAD_BIN" "$SRV_IP:$SIP_PORT" -sf "$scen" "${cargs[@]}" -i "$UAC_IP"
@@ -543,6 +655,8 @@ run_step() { # TARGET RATE
         case "$PROFILE" in
             call) state="dialogs=$(awk '/dialog:processed_dialogs/ { print $3 }' "$d/kamailio.stats")" ;;
             register) state="aors=$(awk '/usrloc:registered_users/ { print $3 }' "$d/kamailio.stats")" ;;
+            publish) state="publish=$(awk '/core:rcv_requests_publish/ { print $3 }' "$d/kamailio.stats")" ;;
+            subscribe) state="notifies=$(awk '/tmx:UAC_transactions/ { print $3 }' "$d/kamailio.stats")" ;;
         esac
     fi
     if [ "$target" = sipd ] && [ "$PROFILE" = call ]; then

@@ -931,6 +931,7 @@ impl Config {
                 tcp_max_connections: f.tcp.max_connections,
                 tcp_idle_timeout_ms: f.tcp.idle_timeout_s * 1000,
                 tick_ms: f.workers.tick_ms,
+                ..IoConfig::default()
             },
             server_header: f.sip.server_header,
             registrar: RegistrarConfig {

@@ -86,6 +86,7 @@ impl Server {
             tcp_max_connections: 100,
             tcp_idle_timeout_ms: 60_000,
             tick_ms: 10,
+            ..IoConfig::default()
         };
         tweak(&mut cfg);
         let shared = Arc::new(Shared::default());
@@ -529,6 +530,7 @@ fn bind_error_names_address(backend: Backend) {
         tcp_max_connections: 10,
         tcp_idle_timeout_ms: 1000,
         tick_ms: 10,
+        ..IoConfig::default()
     };
     let err = spawn_workers(
         &cfg,

@@ -45,6 +45,8 @@ pub struct IoConfig {
     pub tcp_idle_timeout_ms: u64,
     /// `Handler::on_tick` runs at least this often; the shutdown flag is checked as often.
     pub tick_ms: u64,
+    /// Worker threads are named `<thread_name>-N` (also in their log lines).
+    pub thread_name: &'static str,
 }
 
 impl Default for IoConfig {
@@ -59,6 +61,7 @@ impl Default for IoConfig {
             tcp_max_connections: 10_000,
             tcp_idle_timeout_ms: 120_000,
             tick_ms: 10,
+            thread_name: "sipd-worker",
         }
     }
 }

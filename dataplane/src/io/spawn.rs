@@ -33,7 +33,7 @@ impl Workers {
         let mut result = Ok(());
         for (i, t) in self.threads.into_iter().enumerate() {
             if t.join().is_err() && result.is_ok() {
-                result = Err(io::Error::other(format!("sipd-worker-{i} panicked")));
+                result = Err(io::Error::other(format!("worker {i} panicked")));
             }
         }
         result
@@ -89,7 +89,8 @@ impl Stop {
     }
 }
 
-/// Bind all sockets (before returning), then start one thread `sipd-worker-N` per worker.
+/// Bind all sockets (before returning), then start one thread per worker
+/// (`sipd-worker-N`, after [`IoConfig::thread_name`]).
 /// Each thread sets up its driver, builds its handler with `make(N)` and runs until
 /// `shutdown` is set (checked at least once per tick).
 pub fn spawn_workers<H, F>(
@@ -120,7 +121,7 @@ where
         let ready = ready_tx.clone();
         let thread_stats = Arc::clone(&stats);
         let spawned = std::thread::Builder::new()
-            .name(format!("sipd-worker-{index}"))
+            .name(format!("{}-{index}", cfg.thread_name))
             .spawn(move || worker_main(index, ncpu, ws, &cfg, &*make, &thread_stats, &stop, ready));
         match spawned {
             Ok(t) => threads.push((t, stats)),
@@ -141,7 +142,10 @@ where
         match ready_rx.recv_timeout(READY_TIMEOUT) {
             Ok((i, Ok(b))) => backends[i] = b,
             Ok((i, Err(e))) => {
-                failure = Some(io::Error::new(e.kind(), format!("sipd-worker-{i}: {e}")))
+                failure = Some(io::Error::new(
+                    e.kind(),
+                    format!("{}-{i}: {e}", cfg.thread_name),
+                ))
             }
             Err(_) => {
                 failure = Some(io::Error::other(
@@ -174,7 +178,7 @@ enum Driver {
 
 /// Set up the driver for this worker, logging which one runs and why.
 fn setup_driver(index: usize, ws: WorkerSockets, cfg: &IoConfig) -> io::Result<(Driver, Backend)> {
-    let name = format!("sipd-worker-{index}");
+    let name = format!("{}-{index}", cfg.thread_name);
     match cfg.backend {
         Backend::Epoll => {
             let d = EpollDriver::setup(ws, cfg, index)?;
@@ -222,7 +226,7 @@ fn worker_main<H: Handler, F: Fn(usize) -> H>(
     if cfg.pin_cores {
         let cpu = index % ncpu.max(1);
         if let Err(e) = pin_to_cpu(cpu) {
-            eprintln!("sipd-worker-{index}: cannot pin to CPU {cpu}: {e}");
+            eprintln!("{}-{index}: cannot pin to CPU {cpu}: {e}", cfg.thread_name);
         }
     }
     let (driver, backend) = match setup_driver(index, ws, cfg) {

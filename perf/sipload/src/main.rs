@@ -1,12 +1,15 @@
 //! `sipload`: runs the client side of a SIPp XML scenario from several threads, each with
-//! a UDP socket of its own, at a target call rate, and reports what SIPp reports: calls
-//! made, succeeded and failed (by reason), retransmissions, the rate achieved, and the
-//! response-time percentiles of the steps marked `rtd`.
+//! a UDP socket of its own served by the project's worker I/O layer (io_uring with a
+//! multishot receive and batched sends, or epoll with `recvmmsg`/`sendmmsg`), at a target
+//! call rate, and reports what SIPp reports: calls made, succeeded and failed (by reason),
+//! retransmissions, the rate achieved, and response-time percentiles (HDR histograms):
+//! the steps marked `rtd`, and every message exchange (from a message sent to the next
+//! one received).
 //!
 //! ```text
 //! sipload HOST:PORT -sf SCENARIO.xml [-s SERVICE] [-i LOCAL_IP] [-p FIRST_PORT]
 //!         [-t THREADS] [-r CALLS_PER_S] [-m CALLS] [-l MAX_LIVE] [-d PAUSE_MS]
-//!         [-timeout S] [-inf FILE.csv]
+//!         [-timeout S] [-inf FILE.csv] [-io auto|io_uring|epoll]
 //! sipload -sf SERVER_SCENARIO.xml [-i LOCAL_IP] [-p PORT] [-m CALLS] [-timeout S]
 //! ```
 //!
@@ -17,23 +20,25 @@
 //! Exit status 0 when every call succeeded, 1 when some failed, 2 on a usage error.
 //! Bounded: at most `-m` calls and `-timeout` seconds (default 60).
 
+mod calls;
 mod scenario;
+mod sip;
+mod template;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use calls::{Gen, Live, Report};
 use scenario::{Expect, Scenario, Step};
+use sipmesh_dataplane::io::{Backend, IoConfig, spawn_workers};
 
 const USAGE: &str = "usage: sipload HOST:PORT -sf SCENARIO.xml [-s SERVICE] [-i LOCAL_IP] \
 [-p FIRST_PORT] [-t THREADS] [-r CALLS_PER_S] [-m CALLS] [-l MAX_LIVE] [-d PAUSE_MS] \
-[-timeout S] [-inf FILE.csv]";
+[-timeout S] [-inf FILE.csv] [-io auto|io_uring|epoll]";
 
-#[derive(Clone)]
-struct Opts {
+pub struct Opts {
     remote: SocketAddr,
     scenario: Arc<Scenario>,
     service: String,
@@ -45,7 +50,8 @@ struct Opts {
     limit: usize,
     pause_ms: u64,
     timeout: Duration,
-    fields: Arc<Vec<Vec<String>>>,
+    fields: Vec<Vec<String>>,
+    backend: Backend,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -67,6 +73,7 @@ fn parse_args() -> Opts {
     let mut pause_ms = 0u64;
     let mut timeout = Duration::from_secs(60);
     let mut inf = None;
+    let mut backend = Backend::Auto;
     while let Some(a) = args.next() {
         let mut val = |name: &str| {
             args.next()
@@ -101,6 +108,14 @@ fn parse_args() -> Opts {
                 timeout = Duration::from_secs(num("-timeout", v.trim_end_matches('s').to_string()))
             }
             "-inf" => inf = Some(val("-inf")),
+            "-io" => {
+                backend = match val("-io").as_str() {
+                    "auto" => Backend::Auto,
+                    "io_uring" => Backend::IoUring,
+                    "epoll" => Backend::Epoll,
+                    v => fail(format!("-io: `{v}` is not auto, io_uring or epoll")),
+                }
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0)
@@ -113,6 +128,11 @@ fn parse_args() -> Opts {
             }
             other => fail(format!("unknown option `{other}`\n{USAGE}")),
         }
+    }
+    if port == 0 || u32::from(port) + threads as u32 > 65_536 {
+        fail(format!(
+            "-p: {port}: each thread binds a port from it up (1..=65535)"
+        ));
     }
     let sf = sf.unwrap_or_else(|| fail(format!("-sf SCENARIO.xml is needed\n{USAGE}")));
     let text = std::fs::read_to_string(&sf).unwrap_or_else(|e| fail(format!("{sf}: {e}")));
@@ -156,595 +176,39 @@ fn parse_args() -> Opts {
         limit,
         pause_ms,
         timeout,
-        fields: Arc::new(fields),
+        fields,
+        backend,
     }
 }
 
-/// Totals shared by the threads (for the progress line).
-#[derive(Default)]
-struct Live {
-    started: AtomicU64,
-    ok: AtomicU64,
-    failed: AtomicU64,
-    retrans: AtomicU64,
-}
-
-/// What one thread reports at the end.
-#[derive(Default)]
-struct Report {
-    ok: u64,
-    failed: HashMap<String, u64>,
-    retrans: u64,
-    rtd_us: Vec<u32>,
-}
-
-struct Sent {
-    bytes: Vec<u8>,
-    next: Instant,
-    interval: Duration,
-    invite: bool,
-    first: Instant,
-}
-
-struct Call {
-    number: u64,
-    /// Where its messages go: the remote (client) or whoever sent its first request
-    /// (server).
-    peer: SocketAddr,
-    call_id: String,
-    step: usize,
-    start: Instant,
-    /// The last message received (for `[last_*:]`).
-    last: String,
-    routes: String,
-    next_url: String,
-    peer_tag: String,
-    sent: Option<Sent>,
-    pause_until: Option<Instant>,
-    /// Steps already passed that received a message (retransmissions of theirs are
-    /// ignored).
-    seen_codes: Vec<u16>,
-    /// CSeqs of the requests received (a retransmission of one is not unexpected).
-    seen_requests: Vec<String>,
-    /// Call variables (`<assignstr>` in a `<nop>`), `[$name]` in a message.
-    vars: Vec<(String, String)>,
-}
-
-fn header_lines<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
-    let head = msg.split("\r\n\r\n").next().unwrap_or("");
-    head.split("\r\n")
-        .skip(1)
-        .filter(|l| {
-            l.split_once(':')
-                .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name))
-        })
-        .collect()
-}
-
-fn header_value<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
-    header_lines(msg, name)
-        .first()
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim())
-}
-
-fn angle(v: &str) -> &str {
-    match (v.find('<'), v.find('>')) {
-        (Some(a), Some(b)) if b > a => &v[a + 1..b],
-        _ => v.split(';').next().unwrap_or(v).trim(),
-    }
-}
-
-struct Ctx<'a> {
-    o: &'a Opts,
-    local: SocketAddr,
-    pid: u32,
-}
-
-/// Fills a template for `call`: keywords replaced, lines that became empty in the head
-/// dropped, `[len]` set to the body's length.
-fn render(t: &str, call: &Call, step: usize, ctx: &Ctx<'_>) -> Vec<u8> {
-    let out = expand(t, call, step, ctx);
-    // Lines of the head that became empty (an absent [last_Record-Route:]) go.
-    let (head, body) = match out.find("\r\n\r\n") {
-        Some(i) => (&out[..i], &out[i + 4..]),
-        None => (out.as_str(), ""),
-    };
-    let head: Vec<&str> = head.split("\r\n").filter(|l| !l.is_empty()).collect();
-    let mut msg = head.join("\r\n");
-    msg.push_str("\r\n\r\n");
-    msg.push_str(body);
-    msg.replace("\u{0}LEN\u{0}", &body.len().to_string())
-        .into_bytes()
-}
-
-/// The keywords of a template replaced (`[len]` by a placeholder that `render` fills).
-fn expand(t: &str, call: &Call, step: usize, ctx: &Ctx<'_>) -> String {
-    let o = ctx.o;
-    let ipv = if ctx.local.is_ipv4() { "4" } else { "6" };
-    let mut out = String::with_capacity(t.len() + 256);
-    let mut rest = t;
-    while let Some(i) = rest.find('[') {
-        out.push_str(&rest[..i]);
-        let Some(j) = rest[i..].find(']') else {
-            out.push_str(&rest[i..]);
-            rest = "";
-            break;
-        };
-        let key = &rest[i + 1..i + j];
-        match key {
-            "service" => out.push_str(&o.service),
-            "remote_ip" => out.push_str(&o.remote.ip().to_string()),
-            "remote_port" => out.push_str(&o.remote.port().to_string()),
-            "local_ip" | "media_ip" => out.push_str(&ctx.local.ip().to_string()),
-            "local_port" => out.push_str(&ctx.local.port().to_string()),
-            "media_port" => out.push_str("6000"),
-            "local_ip_type" | "media_ip_type" => out.push_str(ipv),
-            "transport" => out.push_str("UDP"),
-            "pid" => out.push_str(&ctx.pid.to_string()),
-            "call_number" => out.push_str(&call.number.to_string()),
-            "call_id" => out.push_str(&call.call_id),
-            "branch" => {
-                out.push_str(&format!("z9hG4bK-{}-{}-{}", ctx.pid, call.number, step));
-            }
-            // The branch of the message N steps back (a CANCEL, the ACK of a non-2xx),
-            // as SIPp numbers them.
-            k if k.starts_with("branch-") && k[7..].parse::<usize>().is_ok() => {
-                let back: usize = k[7..].parse().unwrap_or(0);
-                out.push_str(&format!(
-                    "z9hG4bK-{}-{}-{}",
-                    ctx.pid,
-                    call.number,
-                    step.saturating_sub(back)
-                ));
-            }
-            k if k.starts_with("hdrtoken:") => {
-                let v = header_value(&call.last, &k[9..]).unwrap_or("");
-                out.push_str(v.split_whitespace().next().unwrap_or(""));
-            }
-            "last_cseq_number" => {
-                let cseq = header_value(&call.last, "CSeq").unwrap_or("");
-                out.push_str(cseq.split_whitespace().next().unwrap_or(""));
-            }
-            k if k.starts_with('$') => {
-                if let Some((_, v)) = call.vars.iter().find(|(n, _)| n == &k[1..]) {
-                    out.push_str(v);
-                }
-            }
-            "peer_tag_param" => {
-                if !call.peer_tag.is_empty() {
-                    out.push_str(";tag=");
-                    out.push_str(&call.peer_tag);
-                }
-            }
-            "routes" => {
-                if !call.routes.is_empty() {
-                    out.push_str("Route: ");
-                    out.push_str(&call.routes);
-                }
-            }
-            "next_url" => out.push_str(&call.next_url),
-            "len" => out.push_str("\u{0}LEN\u{0}"),
-            k if k.starts_with("last_") && k.ends_with(':') => {
-                let name = &k[5..k.len() - 1];
-                out.push_str(&header_lines(&call.last, name).join("\r\n"));
-            }
-            k if k.starts_with("field") => {
-                let n: usize = k[5..].parse().unwrap_or(usize::MAX);
-                if !o.fields.is_empty() {
-                    let line = &o.fields[(call.number as usize - 1) % o.fields.len()];
-                    out.push_str(line.get(n).map_or("", String::as_str));
-                }
-            }
-            _ => {
-                // Not a keyword: keep it as written.
-                out.push('[');
-                out.push_str(key);
-                out.push(']');
+/// What a step's message is, for the report: a request's method or a response's status.
+fn label(step: &Step) -> String {
+    match step {
+        Step::Send { template, .. } => {
+            let first = template.split("\r\n").next().unwrap_or("");
+            match first.strip_prefix("SIP/2.0 ") {
+                Some(r) => r.split(' ').next().unwrap_or("?").to_string(),
+                None => first.split(' ').next().unwrap_or("?").to_string(),
             }
         }
-        rest = &rest[i + j + 1..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Timer of an unanswered request: doubling from its `retrans` interval, capped at 4 s
-/// for non-INVITE (RFC 3261 timers A and E).
-fn retransmit(s: &mut Sent, now: Instant) {
-    s.next = now + s.interval;
-    s.interval = if s.invite {
-        s.interval * 2
-    } else {
-        (s.interval * 2).min(Duration::from_millis(4000))
-    };
-}
-
-fn run_thread(o: Opts, index: usize, live: Arc<Live>, t0: Instant) -> Report {
-    let sock = UdpSocket::bind((o.local_ip, o.port + index as u16)).unwrap_or_else(|e| {
-        fail(format!(
-            "bind {}:{}: {e}",
-            o.local_ip,
-            o.port + index as u16
-        ))
-    });
-    sock.set_nonblocking(true).ok();
-    let local = sock.local_addr().expect("bound");
-    let ctx = Ctx {
-        o: &o,
-        local,
-        pid: std::process::id(),
-    };
-    let steps = &o.scenario.steps;
-    let threads = o.threads as u64;
-    // This thread makes calls index+1, index+1+T, ...
-    let mine = (o.calls + threads - 1 - index as u64) / threads;
-    let rate = if o.scenario.is_server() {
-        0.0
-    } else {
-        o.rate / threads as f64
-    };
-    let mut served = 0u64;
-    let mut made = 0u64;
-    let mut calls: HashMap<String, Call> = HashMap::new();
-    // Calls to advance now (new, or a message just moved them on), and the instants the
-    // others wait for (a pause's end, a retransmission, their timeout): a loop touches
-    // only the calls that have something to do, never all of them.
-    let mut ready: Vec<String> = Vec::new();
-    let mut timers: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
-    let mut report = Report::default();
-    let mut buf = vec![0u8; 65_535];
-    let deadline = t0 + o.timeout;
-    let give_up = Duration::from_secs(32);
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            for _ in calls.drain() {
-                *report.failed.entry("run timeout".into()).or_default() += 1;
-                live.failed.fetch_add(1, Ordering::Relaxed);
-            }
-            break;
-        }
-        // New calls at the rate asked, within the limit of live calls.
-        let due = ((now - t0).as_secs_f64() * rate) as u64 + 1;
-        while !o.scenario.is_server()
-            && made < mine.min(due)
-            && calls.len() < o.limit / o.threads + 1
-        {
-            let number = made * threads + index as u64 + 1;
-            made += 1;
-            live.started.fetch_add(1, Ordering::Relaxed);
-            let call = Call {
-                number,
-                peer: o.remote,
-                call_id: format!("{number}-{}@{}", ctx.pid, local.ip()),
-                step: 0,
-                start: now,
-                last: String::new(),
-                routes: String::new(),
-                next_url: String::new(),
-                peer_tag: String::new(),
-                sent: None,
-                pause_until: None,
-                seen_codes: Vec::new(),
-                seen_requests: Vec::new(),
-                vars: Vec::new(),
-            };
-            ready.push(call.call_id.clone());
-            calls.insert(call.call_id.clone(), call);
-        }
-        while timers.peek().is_some_and(|Reverse((t, _))| *t <= now) {
-            if let Some(Reverse((_, id))) = timers.pop() {
-                ready.push(id);
-            }
-        }
-        // Advance the calls that can: sends, pauses, timers.
-        let mut done: Vec<(String, Result<(), String>)> = Vec::new();
-        for id in std::mem::take(&mut ready) {
-            let Some(c) = calls.get_mut(&id) else {
-                continue;
-            };
-            loop {
-                if c.step >= steps.len() {
-                    done.push((id.clone(), Ok(())));
-                    break;
-                }
-                match &steps[c.step] {
-                    Step::Send { template, retrans } => {
-                        let bytes = render(template, c, c.step, &ctx);
-                        let _ = sock.send_to(&bytes, c.peer);
-                        let invite = bytes.starts_with(b"INVITE ");
-                        c.sent = retrans.map(|ms| Sent {
-                            bytes,
-                            next: now + Duration::from_millis(ms),
-                            interval: Duration::from_millis(ms * 2),
-                            invite,
-                            first: now,
-                        });
-                        c.step += 1;
-                    }
-                    Step::Nop(assign) => {
-                        for (name, t) in assign {
-                            let v = expand(t, c, c.step, &ctx);
-                            c.vars.retain(|(n, _)| n != name);
-                            c.vars.push((name.clone(), v));
-                        }
-                        c.step += 1;
-                    }
-                    Step::Pause(ms) => {
-                        let until = *c
-                            .pause_until
-                            .get_or_insert(now + Duration::from_millis(ms.unwrap_or(o.pause_ms)));
-                        if now >= until {
-                            c.pause_until = None;
-                            c.step += 1;
-                        } else {
-                            timers.push(Reverse((until, id.clone())));
-                            break;
-                        }
-                    }
-                    Step::Recv { .. } => {
-                        if let Some(s) = c.sent.as_mut()
-                            && now >= s.next
-                        {
-                            if now - s.first > give_up {
-                                done.push((
-                                    id.clone(),
-                                    Err("no answer (retransmissions exhausted)".into()),
-                                ));
-                                break;
-                            }
-                            let _ = sock.send_to(&s.bytes, c.peer);
-                            retransmit(s, now);
-                            report.retrans += 1;
-                            live.retrans.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if now - c.start > give_up + give_up {
-                            done.push((id.clone(), Err("recv timeout".into())));
-                            break;
-                        }
-                        let wake = c.start + give_up + give_up + Duration::from_millis(1);
-                        let wake = c.sent.as_ref().map_or(wake, |s| s.next.min(wake));
-                        timers.push(Reverse((wake, id.clone())));
-                        break;
-                    }
-                }
-            }
-        }
-        for (id, r) in done {
-            // A call may have been advanced twice in one batch (ready twice): counted once.
-            if calls.remove(&id).is_none() {
-                continue;
-            }
-            match r {
-                Ok(()) => {
-                    report.ok += 1;
-                    live.ok.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    *report.failed.entry(e).or_default() += 1;
-                    live.failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        let finished = if o.scenario.is_server() {
-            served >= mine
-        } else {
-            made >= mine
-        };
-        if finished && calls.is_empty() {
-            break;
-        }
-        // Receive what came.
-        let mut got = 0;
-        while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            got += 1;
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let Some(cid) = header_value(&text, "Call-ID").or_else(|| header_value(&text, "i"))
-            else {
-                continue;
-            };
-            // A server: a new call starts with a request matching the first step.
-            if !calls.contains_key(cid)
-                && o.scenario.is_server()
-                && served < mine
-                && let Some(Step::Recv {
-                    what: Expect::Request(m),
-                    ..
-                }) = steps.first()
-                && text.starts_with(&format!("{m} "))
-            {
-                served += 1;
-                live.started.fetch_add(1, Ordering::Relaxed);
-                calls.insert(
-                    cid.to_string(),
-                    Call {
-                        number: served * threads - (threads - 1 - index as u64),
-                        peer: from,
-                        call_id: cid.to_string(),
-                        step: 0,
-                        start: Instant::now(),
-                        last: String::new(),
-                        routes: String::new(),
-                        next_url: String::new(),
-                        peer_tag: String::new(),
-                        sent: None,
-                        pause_until: None,
-                        seen_codes: Vec::new(),
-                        seen_requests: Vec::new(),
-                        vars: Vec::new(),
-                    },
-                );
-            }
-            let Some(c) = calls.get_mut(cid) else {
-                continue;
-            };
-            let first = text.split("\r\n").next().unwrap_or("");
-            let (code, method) = match first.strip_prefix("SIP/2.0 ") {
-                Some(r) => (r.get(..3).and_then(|s| s.parse::<u16>().ok()), None),
-                None => (None, first.split(' ').next()),
-            };
-            // The step it answers: the current recv, or a later optional-skipped one.
-            let mut k = c.step;
-            let mut matched = None;
-            while let Some(Step::Recv { what, optional, .. }) = steps.get(k) {
-                if expects(what, code, method) {
-                    matched = Some(k);
-                    break;
-                }
-                if !optional {
-                    break;
-                }
-                k += 1;
-            }
-            let Some(k) = matched else {
-                // A retransmission of something already received is ignored, and so is a
-                // late message of an optional step already passed; anything else is
-                // unexpected, as SIPp counts it.
-                let cseq = header_value(&text, "CSeq").unwrap_or("");
-                if code.is_some_and(|x| c.seen_codes.contains(&x))
-                    || (code.is_none() && c.seen_requests.iter().any(|q| q == cseq))
-                    || late_optional(steps, c.step, code, method)
-                    || only_sends_left(steps, c.step)
-                {
-                    continue;
-                }
-                let what = code.map_or_else(
-                    || format!("unexpected {}", method.unwrap_or("?")),
-                    |x| format!("unexpected {x}"),
-                );
-                *report.failed.entry(what).or_default() += 1;
-                live.failed.fetch_add(1, Ordering::Relaxed);
-                let id = c.call_id.clone();
-                calls.remove(&id);
-                continue;
-            };
-            let Step::Recv { rtd, rrs, .. } = &steps[k] else {
-                continue;
-            };
-            if *rtd {
-                let us = c.start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
-                if report.rtd_us.len() < 10_000_000 {
-                    report.rtd_us.push(us);
-                }
-            }
-            if *rrs {
-                let rr: Vec<&str> = header_lines(&text, "Record-Route")
-                    .iter()
-                    .filter_map(|l| l.split_once(':').map(|(_, v)| v.trim()))
-                    .collect();
-                // RFC 3261 §12.1.2: the caller's route set is the Record-Route reversed.
-                let mut rr = rr
-                    .join(", ")
-                    .split(", ")
-                    .map(str::to_string)
-                    .collect::<Vec<_>>();
-                rr.reverse();
-                c.routes = rr.join(", ");
-                c.next_url = header_value(&text, "Contact")
-                    .or_else(|| header_value(&text, "m"))
-                    .map(|v| angle(v).to_string())
-                    .unwrap_or_default();
-            }
-            // The peer's tag: the To tag of a response, the From tag of a request (a
-            // NOTIFY in a subscription: its To tag is ours).
-            let (long, short) = if code.is_some() {
-                ("To", "t")
-            } else {
-                ("From", "f")
-            };
-            if let Some(v) = header_value(&text, long).or_else(|| header_value(&text, short))
-                && let Some(i) = v.find(";tag=")
-            {
-                c.peer_tag = v[i + 5..].split(';').next().unwrap_or("").to_string();
-            }
-            match code {
-                Some(x) => {
-                    c.seen_codes.push(x);
-                    // A final response ends the retransmissions of the request.
-                    if x >= 200 || c.sent.as_ref().is_some_and(|s| s.invite) {
-                        c.sent = None;
-                    }
-                }
-                // A server: the request it waited for (an ACK) ends the retransmissions
-                // of its response.
-                None => {
-                    c.sent = None;
-                    let cseq = header_value(&text, "CSeq").unwrap_or("").to_string();
-                    c.seen_requests.push(cseq);
-                }
-            }
-            ready.push(c.call_id.clone());
-            c.last = text;
-            c.step = k + 1;
-        }
-        if got == 0 {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-    report
-}
-
-/// Whether a message (a response `code` or a request `method`) is what `what` waits for.
-fn expects(what: &Expect, code: Option<u16>, method: Option<&str>) -> bool {
-    match (what, code, method) {
-        (Expect::Response(w), Some(got), _) => *w == got,
-        (Expect::Request(w), _, Some(m)) => w == m,
-        _ => false,
-    }
-}
-
-/// Whether the call at step `at` waits for nothing more: only its last sends are left
-/// (made at the next turn of the loop). A message then is for a call that SIPp would have
-/// finished already (a 200 to a CANCEL after the 487), ignored as SIPp ignores messages
-/// of dead calls.
-fn only_sends_left(steps: &[Step], at: usize) -> bool {
-    !steps
-        .get(at..)
-        .unwrap_or(&[])
-        .iter()
-        .any(|s| matches!(s, Step::Recv { .. }))
-}
-
-/// Whether a message matches a `recv` before step `at` that a later message overtook (a
-/// 180 relayed after the 200 by another process of a proxy) and is to be ignored, as
-/// SIPp does with "old non-mandatory receptions": an optional step with no mandatory step
-/// between it and the call's current one, or an `optional="global"` one, or any step of
-/// a named transaction (`response_txn`) when the message is a provisional response.
-fn late_optional(steps: &[Step], at: usize, code: Option<u16>, method: Option<&str>) -> bool {
-    let mut contiguous = true;
-    for s in steps[..at.min(steps.len())].iter().rev() {
-        if let Step::Recv {
-            what,
-            optional,
-            global,
-            txn,
+        Step::Recv {
+            what: Expect::Response(c),
             ..
-        } = s
-            && expects(what, code, method)
-        {
-            let provisional = code.is_some_and(|c| (100..200).contains(&c));
-            if (*optional && (contiguous || *global)) || (*txn && provisional) {
-                return true;
-            }
-        }
-        if !matches!(s, Step::Recv { optional: true, .. }) {
-            contiguous = false;
-        }
+        } => c.to_string(),
+        Step::Recv {
+            what: Expect::Request(m),
+            ..
+        } => m.clone(),
+        _ => String::new(),
     }
-    false
 }
 
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i]) / 1000.0
+fn ms(h: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
 }
 
 fn main() {
-    let o = parse_args();
+    let o = Arc::new(parse_args());
     let live = Arc::new(Live::default());
     let t0 = Instant::now();
     eprintln!(
@@ -756,12 +220,32 @@ fn main() {
         o.rate,
         o.threads
     );
-    let handles: Vec<_> = (0..o.threads)
-        .map(|i| {
-            let (o, live) = (o.clone(), live.clone());
-            std::thread::spawn(move || run_thread(o, i, live, t0))
-        })
-        .collect();
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = mpsc::channel::<Report>();
+    let mut workers = Vec::with_capacity(o.threads);
+    for i in 0..o.threads {
+        let local = SocketAddr::new(o.local_ip, o.port + i as u16);
+        let cfg = IoConfig {
+            udp: vec![local],
+            workers: 1,
+            backend: o.backend,
+            tick_ms: 1,
+            // 16 KiB datagrams at most: the driver's send budget then holds 512 of them.
+            max_message_size: 16 << 10,
+            thread_name: "sipload",
+            ..IoConfig::default()
+        };
+        let (o2, live, done) = (o.clone(), live.clone(), done_tx.clone());
+        let make = move |_| Gen::new(o2.clone(), i, local, live.clone(), t0, done.clone());
+        match spawn_workers(&cfg, make, shutdown.clone()) {
+            Ok(w) => workers.push(w),
+            Err(e) => {
+                shutdown.store(true, Ordering::Relaxed);
+                fail(format!("{local}: {e}"))
+            }
+        }
+    }
+    drop(done_tx);
     // A progress line every second.
     let progress = {
         let live = live.clone();
@@ -790,19 +274,27 @@ fn main() {
             }
         })
     };
-    let mut total = Report::default();
-    for h in handles {
-        let r = h.join().expect("a sipload thread");
-        total.ok += r.ok;
-        total.retrans += r.retrans;
-        for (k, v) in r.failed {
-            *total.failed.entry(k).or_default() += v;
+    // Each thread hands its report over when its calls are done or at the run's timeout.
+    let mut total = Report::new(&o.scenario.steps);
+    let mut missing = 0;
+    for _ in 0..o.threads {
+        match done_rx.recv_timeout(o.timeout + Duration::from_secs(10)) {
+            Ok(r) => total.merge(r),
+            Err(_) => missing += 1,
         }
-        total.rtd_us.extend(r.rtd_us);
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    shutdown.store(true, Ordering::Relaxed);
+    let mut io = sipmesh_dataplane::io::IoStatsSnapshot::default();
+    let mut backends = Vec::new();
+    for w in workers {
+        io = io + w.totals();
+        backends.extend(w.backends().iter().map(|b| b.as_str()));
+        if let Err(e) = w.join() {
+            eprintln!("sipload: {e}");
+        }
+    }
     drop(progress);
-    total.rtd_us.sort_unstable();
     let failed: u64 = total.failed.values().sum();
     println!("scenario          {}", o.scenario.name);
     println!("calls             {}", total.ok + failed);
@@ -813,22 +305,58 @@ fn main() {
     for (k, v) in reasons {
         println!("  {k:<30} {v}");
     }
+    if missing > 0 {
+        println!("  {:<30} {missing}", "threads that did not report");
+    }
     println!("retransmissions   {}", total.retrans);
     println!("elapsed           {elapsed:.2} s");
     println!(
         "rate              {:.0} calls/s",
         (total.ok + failed) as f64 / elapsed.max(1e-9)
     );
-    let r = &total.rtd_us;
+    let r = &total.rtd;
     println!(
         "response time     p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  ({} samples)",
-        pct(r, 0.5),
-        pct(r, 0.9),
-        pct(r, 0.99),
-        pct(r, 1.0),
+        ms(r, 0.5),
+        ms(r, 0.9),
+        ms(r, 0.99),
+        r.max() as f64 / 1000.0,
         r.len()
     );
-    std::process::exit(if failed == 0 && total.ok == o.calls {
+    println!("exchanges         (ms: p50 p90 p99 p99.9 max, samples)");
+    let steps = &o.scenario.steps;
+    for (k, h) in total.exchanges.iter().enumerate() {
+        let Some(h) = h.as_ref().filter(|h| !h.is_empty()) else {
+            continue;
+        };
+        let before = steps[..k]
+            .iter()
+            .rev()
+            .find(|s| matches!(s, Step::Send { .. }))
+            .map_or_else(String::new, label);
+        println!(
+            "  step {k:<3} {:<22} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3}  {}",
+            format!("{before} -> {}", label(&steps[k])),
+            ms(h, 0.5),
+            ms(h, 0.9),
+            ms(h, 0.99),
+            ms(h, 0.999),
+            h.max() as f64 / 1000.0,
+            h.len()
+        );
+    }
+    backends.sort_unstable();
+    backends.dedup();
+    println!(
+        "io                {} sent {} received {} send waits {} dropped {} unparsable {}",
+        backends.join(","),
+        io.udp_tx,
+        io.udp_rx,
+        total.send_waits,
+        io.tx_dropped,
+        total.unparsable
+    );
+    std::process::exit(if failed == 0 && missing == 0 && total.ok == o.calls {
         0
     } else {
         1
@@ -838,6 +366,7 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use calls::{expects, late_optional, only_sends_left};
 
     fn load(f: &str) -> Scenario {
         let path = format!("{}/../profiles/{f}", env!("CARGO_MANIFEST_DIR"));

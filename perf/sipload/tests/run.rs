@@ -59,6 +59,18 @@ fn sipload_runs_the_register_and_options_profiles_with_no_failure() {
     assert_eq!(value(&r, "successful"), "2000", "{r}");
     assert_eq!(value(&r, "failed"), "0", "{r}");
     assert!(value(&r, "response time").contains("(2000 samples)"), "{r}");
+    // Every exchange has its percentiles: here the REGISTER's 200, one per call.
+    let ex = r
+        .lines()
+        .find(|l| l.contains("REGISTER -> 200"))
+        .unwrap_or_else(|| panic!("no REGISTER exchange line: {r}"));
+    assert!(ex.trim_end().ends_with(" 2000"), "{ex}");
+    // Everything sent was received through the worker I/O layer, nothing dropped.
+    let io = value(&r, "io");
+    assert!(
+        io.contains("sent 2000 received 2000") && io.contains("dropped 0"),
+        "{io}"
+    );
     // Every user of the profile (user1 .. user2000) is registered.
     assert!(
         sipd.wait_change(
