@@ -349,6 +349,16 @@ impl Gen {
             c.timer_at = Some(at);
             self.timers.push(Reverse((at, slot, c.generation)));
         }
+        // Entries of calls answered or ended stay until due; when they outnumber the live
+        // calls' own (one each), they go: the heap stays within twice the live calls
+        // (plus a constant), at an amortised constant cost per timer.
+        if self.timers.len() > 2 * self.live_calls + 1024 {
+            let calls = &self.calls;
+            self.timers.retain(|Reverse((t, s, g))| {
+                let c = &calls[*s as usize];
+                c.live && c.generation == *g && c.timer_at == Some(*t)
+            });
+        }
     }
 
     /// Whether this thread has made (or served) all its calls and none is left.
@@ -754,4 +764,145 @@ pub fn late_optional(steps: &[Step], at: usize, code: Option<u16>, method: Optio
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::alloc::System;
+    use std::io::Write as _;
+
+    use sipmesh_dataplane::io::{ConnId, Transport};
+    use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+
+    use super::*;
+    use crate::scenario::Scenario;
+
+    #[global_allocator]
+    static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+    /// Keeps the messages sent in fixed buffers (the test allocates nothing either).
+    struct Wire {
+        msgs: [[u8; 2048]; 8],
+        lens: [usize; 8],
+        n: usize,
+        total: u64,
+    }
+
+    impl Outbox for Wire {
+        fn send(&mut self, _to: Dest, fill: impl FnOnce(&mut [u8]) -> usize) {
+            let len = fill(&mut self.msgs[self.n]);
+            self.lens[self.n] = len;
+            self.n += 1;
+            self.total += 1;
+        }
+        fn close(&mut self, _conn: ConnId) {}
+    }
+
+    /// The callee's side: a 180 and a 200 (with a route set and a contact) to an
+    /// INVITE, a 200 to a BYE, nothing to an ACK.
+    fn answer(req: &str, replies: &mut [[u8; 2048]; 2]) -> [usize; 2] {
+        let mut lens = [0; 2];
+        let (_, method) = start_line(req);
+        let codes: &[&str] = match method {
+            Some("INVITE") => &["180 Ringing", "200 OK"],
+            Some("BYE") => &["200 OK"],
+            _ => &[],
+        };
+        for (i, code) in codes.iter().enumerate() {
+            let mut w = &mut replies[i][..];
+            let total = w.len();
+            let _ = write!(w, "SIP/2.0 {code}\r\n");
+            for name in ["Via", "From", "Call-ID", "CSeq"] {
+                for l in header_lines(req, name) {
+                    let _ = write!(w, "{l}\r\n");
+                }
+            }
+            let _ = write!(
+                w,
+                "To: {};tag=callee\r\nRecord-Route: <sip:127.0.0.1;lr>\r\n\
+                 Contact: <sip:bob@127.0.0.2:5090>\r\nContent-Length: 0\r\n\r\n",
+                header_value(req, "To").unwrap_or("")
+            );
+            lens[i] = total - w.len();
+        }
+        lens
+    }
+
+    #[test]
+    fn once_warm_a_call_allocates_nothing() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../profiles/call-uac.xml"
+        ))
+        .unwrap();
+        let remote: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+        let o = Arc::new(Opts {
+            remote,
+            scenario: Arc::new(Scenario::parse(&text).unwrap()),
+            service: "bob".into(),
+            local_ip: [127, 0, 0, 3].into(),
+            port: 5070,
+            threads: 1,
+            rate: 1e9,
+            calls: 3000,
+            limit: 1,
+            pause_ms: 0,
+            timeout: Duration::from_secs(60),
+            fields: Vec::new(),
+            backend: sipmesh_dataplane::io::Backend::Auto,
+        });
+        let (tx, rx) = mpsc::channel();
+        let local: SocketAddr = "127.0.0.3:5070".parse().unwrap();
+        let mut g = Gen::new(o, 0, local, Arc::new(Live::default()), Instant::now(), tx);
+        let src = Source {
+            transport: Transport::Udp,
+            remote,
+            local,
+            conn: None,
+        };
+        let mut wire = Wire {
+            msgs: [[0; 2048]; 8],
+            lens: [0; 8],
+            n: 0,
+            total: 0,
+        };
+        let mut replies = [[0u8; 2048]; 2];
+        // Runs calls until `upto` are done: every message the generator sends is answered
+        // at once (each answer may start the next call).
+        let mut run = |g: &mut Gen, upto: u64| {
+            let below = |g: &Gen| g.report.as_ref().is_some_and(|r| r.ok < upto);
+            while below(g) {
+                g.on_tick(0, &mut wire);
+                while wire.n > 0 && below(g) {
+                    wire.n -= 1;
+                    let k = wire.n;
+                    let req = std::str::from_utf8(&wire.msgs[k][..wire.lens[k]]).unwrap();
+                    let lens = answer(req, &mut replies);
+                    for (r, len) in replies.iter().zip(lens) {
+                        if len > 0 {
+                            g.on_message(&r[..len], &src, 0, &mut wire);
+                        }
+                    }
+                }
+            }
+        };
+        run(&mut g, 1500);
+        assert_eq!(g.report.as_ref().map(|r| r.ok), Some(1500));
+        let region = Region::new(GLOBAL);
+        run(&mut g, 2999);
+        let stats = region.change();
+        assert_eq!(g.report.as_ref().map(|r| r.ok), Some(2999));
+        assert_eq!(
+            (stats.allocations, stats.reallocations),
+            (0, 0),
+            "1 499 calls (INVITE, 180, 200, ACK, BYE, 200 each) after 1 500 to warm up"
+        );
+        run(&mut g, 3000);
+        let r = rx.try_recv().expect("the report once every call is done");
+        assert_eq!((r.ok, r.failed.len()), (3000, 0));
+        assert_eq!(wire.total, 3 * 3000, "INVITE, ACK and BYE of each call");
+        // Both exchanges of the INVITE and the BYE's 200 were measured.
+        assert_eq!(r.exchanges[2].as_ref().unwrap().len(), 3000);
+        assert_eq!(r.exchanges[3].as_ref().unwrap().len(), 3000);
+    }
 }
